@@ -1,0 +1,295 @@
+"""
+A minimal Llama-style decoder and its sampler.
+
+What it owns: `GPTConfig` (one dataclass, with named presets), `GPT` (token embedding, RMSNorm, rotary position
+embedding with Llama 3.1 frequency scaling, grouped-query attention through F.scaled_dot_product_attention,
+SwiGLU feed-forward, optionally tied output matrix) and `GPT.generate`, batched sampling with a KV cache over
+prompts of different lengths.
+
+Module attribute names are the keys of Meta's Llama checkpoints (`tok_embeddings`, `layers.{i}.attention.wq`,
+`feed_forward.w1`, `attention_norm`, ...), so a Meta state dict loads with no renaming.
+
+Padding. A batch may be left-padded (prompts for sampling) or right-padded (training pairs). Padding is described
+by a boolean `mask[B, S]` of real tokens, never by a token value (the model can sample the pad id). A token's
+rotary position is the number of real tokens before it, so a row gives the same result whatever padding it got,
+and every position may attend to itself so no attention row is ever empty.
+
+    python model.py   # prints the presets' parameter counts and a sample from an untrained tiny model
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 259          # the default byte-level tokenizer: 256 bytes + begin, end, pad
+    dim: int = 128
+    n_layer: int = 6
+    n_head: int = 4
+    n_kv_head: int = 2             # grouped-query attention: n_head // n_kv_head query heads share one k/v head
+    ffn_hidden: int = 352          # SwiGLU width
+    norm_eps: float = 1e-5
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # Llama 3.1: {"factor", "low_freq_factor", "high_freq_factor", "original_max_position"}
+    tie_embeddings: bool = True
+
+    def __post_init__(self):
+        if self.dim % self.n_head or self.n_head % self.n_kv_head:
+            raise ValueError(f"GPTConfig: dim {self.dim} must divide by n_head {self.n_head}, "
+                             f"and n_head by n_kv_head {self.n_kv_head}")
+        if (self.dim // self.n_head) % 2:
+            raise ValueError(f"GPTConfig: head dim {self.dim // self.n_head} must be even for rotary embedding")
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "GPTConfig":
+        presets = {
+            "tiny": dict(dim=128, n_layer=6, n_head=4, n_kv_head=2, ffn_hidden=352),    # ~1.2 M: the CPU default
+            "small": dict(dim=512, n_layer=8, n_head=8, n_kv_head=4, ffn_hidden=1408),  # ~25 M: a laptop GPU
+        }
+        if name not in presets:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(presets)}")
+        return cls(**{**presets[name], **overrides})
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in float32 (as Llama does), then return to the input dtype
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
+    """Inverse frequencies theta^(-2i/d) of the rotary embedding, with Llama 3.1's long-context scaling:
+    wavelengths shorter than original/high_freq_factor keep their frequency, longer than original/low_freq_factor
+    are divided by `factor`, and those in between are blended linearly in 1/wavelength."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    if not scaling:
+        return inv_freq.float()
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    original = scaling["original_max_position"]
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (original / wavelen - low) / (high - low)
+    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    scaled = torch.where(wavelen > original / low, inv_freq / factor, blended)
+    scaled = torch.where(wavelen < original / high, inv_freq, scaled)
+    return scaled.float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs (x[2i], x[2i+1]) by angle position * inv_freq[i], as Meta's complex-number code does.
+    x: [B, T, H, D]; cos, sin: [B, T, D/2]."""
+    x_pairs = x.float().unflatten(-1, (-1, 2))           # [B, T, H, D/2, 2]
+    x_even, x_odd = x_pairs[..., 0], x_pairs[..., 1]
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]     # broadcast over heads
+    rotated = torch.stack((x_even * cos - x_odd * sin, x_even * sin + x_odd * cos), dim=-1)
+    return rotated.flatten(-2).type_as(x)                 # [B, T, H, D]
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far, preallocated to `max_len` positions."""
+
+    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device, dtype):
+        head_dim = config.dim // config.n_head
+        shape = (batch_size, config.n_kv_head, max_len, head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.length = 0  # positions filled so far (the same for every row; padding is in the mask)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
+        self.head_dim = config.dim // config.n_head
+        self.wq = nn.Linear(config.dim, config.n_head * self.head_dim, bias=False)
+        self.wk = nn.Linear(config.dim, config.n_kv_head * self.head_dim, bias=False)
+        self.wv = nn.Linear(config.dim, config.n_kv_head * self.head_dim, bias=False)
+        self.wo = nn.Linear(config.n_head * self.head_dim, config.dim, bias=False)
+
+    def forward(self, x, cos, sin, attn_mask, cache: KVCache | None, layer: int):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_head, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
+        if cache is not None:
+            start = cache.length
+            cache.keys[layer][:, :, start:start + T] = k
+            cache.values[layer][:, :, start:start + T] = v
+            k = cache.keys[layer][:, :, :start + T]           # [B, H_kv, S, D], S = start + T
+            v = cache.values[layer][:, :, :start + T]
+        # each k/v head serves n_head // n_kv_head consecutive query heads (Llama's grouping)
+        group = self.n_head // self.n_kv_head
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # [B, H, S, D]
+        if attn_mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
+        return self.wo(y)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x); w1 is the gate, w3 the up projection, w2 the down projection."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.w1 = nn.Linear(config.dim, config.ffn_hidden, bias=False)
+        self.w2 = nn.Linear(config.ffn_hidden, config.dim, bias=False)
+        self.w3 = nn.Linear(config.dim, config.ffn_hidden, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attention = Attention(config)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.feed_forward = FeedForward(config)
+
+    def forward(self, x, cos, sin, attn_mask, cache, layer):
+        x = x + self.attention(self.attention_norm(x), cos, sin, attn_mask, cache, layer)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        inv_freq = rope_frequencies(config.dim // config.n_head, config.rope_theta, config.rope_scaling)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.apply(self._init_weights)
+        # GPT-2's scaled init: the residual projections add up over 2 * n_layer sublayers
+        for name, param in self.named_parameters():
+            if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def hidden_states(self, tokens, mask=None, cache: KVCache | None = None):
+        """The final normed hidden states [B, T, C] of `tokens` [B, T].
+
+        mask: optional bool [B, S] of real tokens over every position so far (S = cache.length + T), for padded
+        batches; None means no padding. With a cache, `tokens` continue the cached sequence."""
+        B, T = tokens.shape
+        start = cache.length if cache is not None else 0
+        if start + T > self.config.max_seq_len:
+            raise ValueError(f"sequence of {start + T} tokens exceeds the context of {self.config.max_seq_len}")
+        attn_mask = None
+        if mask is None and (cache is None or start == 0) and T > 1:
+            positions = torch.arange(T, device=tokens.device).expand(B, T)
+        else:
+            if mask is None:
+                mask = torch.ones(B, start + T, dtype=torch.bool, device=tokens.device)
+            # a token's position is the number of real tokens before it, whatever padding precedes it
+            positions = (mask.long().cumsum(1) - 1).clamp(min=0)[:, start:]            # [B, T]
+            query_index = torch.arange(start, start + T, device=tokens.device)[:, None]
+            key_index = torch.arange(start + T, device=tokens.device)[None, :]
+            causal = key_index <= query_index                                          # [T, S]
+            attn_mask = (causal & mask[:, None, :]) | (key_index == query_index)       # [B, T, S]: self always visible
+            attn_mask = attn_mask[:, None]                                             # [B, 1, T, S]
+        angles = positions[..., None].float() * self.inv_freq                        # [B, T, D/2]
+        cos, sin = angles.cos(), angles.sin()
+        x = self.tok_embeddings(tokens)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, attn_mask, cache, i)
+        if cache is not None:
+            cache.length = start + T
+        return self.norm(x)
+
+    def forward(self, tokens, mask=None, cache: KVCache | None = None):
+        """Logits [B, T, V] of the next token at every position of `tokens` [B, T] (see hidden_states)."""
+        return self.output(self.hidden_states(tokens, mask, cache)).float()
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, stop_ids=(), generator: torch.Generator | None = None,
+                 return_logps: bool = False):
+        """Sample a response for each prompt with a KV cache; prompts may have different lengths.
+
+        Returns one list of response tokens per prompt (the prompt excluded). A row that samples a stop id ends with
+        it; a row without one was cut at max_new_tokens. temperature 0 is greedy. With return_logps, also returns
+        each token's log-prob under the model itself (temperature 1, no top-k): the numbers a KL estimate needs."""
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("generate needs at least one prompt, and every prompt at least one token")
+        longest = max(len(p) for p in prompts)
+        if longest + max_new_tokens > self.config.max_seq_len:
+            raise ValueError(f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds the "
+                             f"model's context of {self.config.max_seq_len} tokens")
+        device = self.output.weight.device
+        B = len(prompts)
+        # left-pad so that every row's next token is at the same column; padding lives only in `mask`
+        tokens = torch.zeros(B, longest, dtype=torch.long, device=device)
+        mask = torch.zeros(B, longest + max_new_tokens, dtype=torch.bool, device=device)
+        for row, prompt in enumerate(prompts):
+            tokens[row, longest - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+            mask[row, longest - len(prompt):] = True
+        mask[:, longest:] = True  # generated tokens are always real
+        cache = KVCache(self.config, B, longest + max_new_tokens, device, self.output.weight.dtype)
+        stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        new_tokens, new_logps = [], []
+        logits = self(tokens, mask[:, :longest], cache)[:, -1]                       # [B, V]
+        for _ in range(max_new_tokens):
+            next_token = sample_token(logits, temperature, top_k, generator)           # [B]
+            new_tokens.append(next_token)
+            new_logps.append(F.log_softmax(logits, -1).gather(1, next_token[:, None])[:, 0])
+            done |= torch.isin(next_token, stop)
+            if done.all():
+                break
+            logits = self(next_token[:, None], mask[:, :cache.length + 1], cache)[:, -1]
+        new_tokens = torch.stack(new_tokens, 1).tolist()                               # [B, N]
+        new_logps = torch.stack(new_logps, 1).tolist()
+        responses, logps = [], []
+        for row_tokens, row_logps in zip(new_tokens, new_logps):
+            end = next((i + 1 for i, t in enumerate(row_tokens) if t in stop_ids), len(row_tokens))
+            responses.append(row_tokens[:end])  # nothing after a stop id counts
+            logps.append(row_logps[:end])
+        return (responses, logps) if return_logps else responses
+
+
+def sample_token(logits, temperature: float, top_k: int | None, generator) -> torch.Tensor:
+    """One token per row of logits [B, V]: greedy at temperature 0, else softmax(logits / T) over the top k."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None:
+        kth_largest = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    probs = F.softmax(logits.float(), dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+if __name__ == "__main__":
+    for name in ("tiny", "small"):
+        print(f"{name}: {GPT(GPTConfig.preset(name)).num_params() / 1e6:.2f} M parameters")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.preset("tiny"))
+    print(model.generate([[1, 2, 3], [4]], max_new_tokens=8, temperature=1.0))

@@ -1,0 +1,124 @@
+"""Tests of model.py: the cache, padding and sampling properties the rest of the project relies on."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import GPT, GPTConfig, KVCache, rope_frequencies
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]]  # different lengths on purpose
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return GPT(GPTConfig.preset("tiny", max_seq_len=64)).eval()
+
+
+def uncached_greedy(model, prompt, n):
+    """The reference: one prompt at a time, the whole sequence re-run through forward for every new token."""
+    seq = list(prompt)
+    for _ in range(n):
+        seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+    return seq[len(prompt):]
+
+
+def left_padded(rows):
+    longest = max(map(len, rows))
+    tokens = torch.zeros(len(rows), longest, dtype=torch.long)
+    mask = torch.zeros(len(rows), longest, dtype=torch.bool)
+    for i, row in enumerate(rows):
+        tokens[i, longest - len(row):] = torch.tensor(row)
+        mask[i, longest - len(row):] = True
+    return tokens, mask
+
+
+def test_presets_sizes_and_unknown_preset():
+    # tiny is the CPU default (1-3 M parameters), small a laptop GPU's (20-50 M)
+    assert 1e6 <= GPT(GPTConfig.preset("tiny")).num_params() <= 3e6
+    assert 20e6 <= GPT(GPTConfig.preset("small")).num_params() <= 50e6
+    with pytest.raises(ValueError, match="unknown preset 'huge'"):
+        GPTConfig.preset("huge")
+
+
+def test_cached_forward_equals_uncached(model):
+    # feeding a sequence in three chunks through the cache gives the logits of one full forward
+    tokens = torch.randint(0, 259, (2, 20), generator=torch.Generator().manual_seed(0))
+    full = model(tokens)
+    cache = KVCache(model.config, 2, 20, "cpu", torch.float32)
+    chunks = [model(tokens[:, a:b], cache=cache) for a, b in [(0, 7), (7, 8), (8, 20)]]
+    torch.testing.assert_close(torch.cat(chunks, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_padding_does_not_change_a_row(model):
+    # a row's logits are the same alone, left-padded beside a longer row, and right-padded
+    short, long = [3, 4, 5], [6, 7, 8, 9, 10, 11]
+    alone = model(torch.tensor([short]))[0]
+    tokens, mask = left_padded([short, long])
+    torch.testing.assert_close(model(tokens, mask)[0, -3:], alone, atol=1e-5, rtol=1e-5)
+    right = torch.tensor([short + [0, 0, 0], long])
+    right_mask = torch.tensor([[True] * 3 + [False] * 3, [True] * 6])
+    torch.testing.assert_close(model(right, right_mask)[0, :3], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_batched_cached_greedy_equals_one_at_a_time_uncached(model):
+    batched = model.generate(PROMPTS, max_new_tokens=16, temperature=0)
+    for prompt, response in zip(PROMPTS, batched):
+        assert response == uncached_greedy(model, prompt, 16)
+
+
+def test_sampler_logps_equal_teacher_forced_logps(model):
+    # the log-probs recorded while sampling (at temperature 0.7, with the cache and left padding) equal a
+    # teacher-forced forward of the same left-padded tokens
+    gen = torch.Generator().manual_seed(1)
+    responses, logps = model.generate(PROMPTS, 12, temperature=0.7, generator=gen, return_logps=True)
+    tokens, mask = left_padded([p + r for p, r in zip(PROMPTS, responses)])
+    logprobs = F.log_softmax(model(tokens, mask), -1)
+    T = tokens.shape[1]
+    for row, response in enumerate(responses):
+        n = len(response)
+        forced = logprobs[row, T - n - 1:T - 1].gather(1, torch.tensor(response)[:, None])[:, 0]
+        torch.testing.assert_close(forced, torch.tensor(logps[row]), atol=1e-4, rtol=0)
+
+
+def test_stop_ids_end_a_row(model):
+    # whichever token greedy decoding emits 3rd becomes a stop id: the row must end right there, with it
+    free = model.generate([PROMPTS[0]], 10, temperature=0)[0]
+    stop = free[2]
+    first = free.index(stop)
+    stopped = model.generate([PROMPTS[0], PROMPTS[1]], 10, temperature=0, stop_ids=(stop,))
+    assert stopped[0] == free[:first + 1]
+    assert all(t != stop for t in stopped[1][:-1])  # the other row ends at its own first stop id, if any
+
+
+def test_sampling_is_seeded(model):
+    sample = lambda seed: model.generate(PROMPTS, 8, generator=torch.Generator().manual_seed(seed))
+    assert sample(3) == sample(3)
+    assert sample(3) != sample(4)
+
+
+def test_top_k_one_is_greedy(model):
+    gen = torch.Generator().manual_seed(0)
+    assert model.generate(PROMPTS, 8, temperature=1.0, top_k=1, generator=gen) == \
+        model.generate(PROMPTS, 8, temperature=0)
+
+
+def test_bad_input_is_refused(model):
+    with pytest.raises(ValueError, match="max_new_tokens must be at least 1"):
+        model.generate(PROMPTS, 0)
+    with pytest.raises(ValueError, match="exceeds the model's context of 64"):
+        model.generate([[1] * 60], 8)
+    with pytest.raises(ValueError, match="exceeds the context of 64"):
+        model(torch.zeros(1, 65, dtype=torch.long))
+
+
+def test_rope_scaling_keeps_high_and_divides_low_frequencies():
+    # Llama 3.1 scaling: short wavelengths unchanged, long ones divided by the factor, in between in between
+    plain = rope_frequencies(64, 500000.0, None)
+    scaling = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position=8192)
+    scaled = rope_frequencies(64, 500000.0, scaling)
+    wavelen = 2 * torch.pi / plain
+    high, low = wavelen < 8192 / 4, wavelen > 8192
+    torch.testing.assert_close(scaled[high], plain[high])
+    torch.testing.assert_close(scaled[low], plain[low] / 8)
+    middle = ~high & ~low
+    assert torch.all(scaled[middle] < plain[middle]) and torch.all(scaled[middle] > plain[middle] / 8)
