@@ -1,0 +1,172 @@
+"""
+Direct preference optimisation: sequence log-probs, the DPO loss (and its cDPO and IPO variants), DPO training.
+
+What it owns: `sequence_logps` (the summed log-prob of the response tokens of a padded batch), `response_logps`
+(the same, batched and without gradient, for reference caching and KL estimates), the pure loss functions
+`dpo_loss` and `ipo_loss`, and `train_dpo`, which fits a policy to (prompt, chosen, rejected) token lists with
+`train.fit`.
+
+The loss (RLHF Workflow eq. 5; Rafailov et al. 2023 eq. 7), with beta playing the KL weight eta of eq. 2:
+
+    h    = [log pi(a_w|x) - log pi0(a_w|x)] - [log pi(a_l|x) - log pi0(a_l|x)]
+    loss = -log sigmoid(beta * h)
+
+Log-probs are summed over the response tokens, EOS included, prompt and padding excluded (DESIGN.md).
+
+What it simplifies: the reference log-probs are computed once per data set before training (the reference model
+need not be in memory while the policy trains); no SFT/NLL term is added to the loss (so both chosen and rejected
+log-probs may fall: the history logs both means so the reader can see it); no gradient accumulation.
+
+    python dpo.py   # fits a tiny random model to a toy preference and prints the margin and accuracy
+"""
+import torch
+import torch.nn.functional as F
+
+from train import autocast, collate, fit, shuffled_batches
+
+
+def sequence_logps(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Summed log-prob of the masked tokens of each row: logits [B, T, V], tokens [B, T], mask bool [B, T] -> [B].
+
+    logps[b] = sum over t >= 1 of mask[b, t] * log_softmax(logits[b, t-1])[tokens[b, t]]
+
+    - A SUM, not a mean: the sequence log-prob log pi(a|x) that DPO's equation needs.
+    - Shifted by one: the logits at position t-1 predict the token at t, so `mask` marks *targets* (the response
+      tokens, EOS included); mask[:, 0] is never used, since nothing predicts the first token.
+    - Prompt and padding must be False in `mask`; whatever the tokens or logits are there does not count. The masked
+      terms are dropped with torch.where, not multiplied by 0, so a NaN or inf at a masked position cannot leak
+      into the sum (0 * NaN is NaN). A row with no True target gives exactly 0.
+    """
+    logprobs = F.log_softmax(logits[:, :-1].float(), dim=-1)                   # [B, T-1, V]
+    targets = tokens[:, 1:]                                                    # [B, T-1]
+    token_logps = logprobs.gather(-1, targets[..., None]).squeeze(-1)          # [B, T-1]
+    return torch.where(mask[:, 1:], token_logps, torch.zeros_like(token_logps)).sum(-1)
+
+
+@torch.no_grad()
+def response_logps(model, prompts: list[list[int]], responses: list[list[int]], batch_size: int = 32,
+                   device=None) -> torch.Tensor:
+    """log pi(response | prompt) for each pair, summed over response tokens: Tensor [N] on the CPU, float32.
+
+    Batched through `train.collate` (right padding) and `sequence_logps`, without gradient. Every prompt needs at
+    least one token (a begin token will do): otherwise nothing would predict the response's first token."""
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("response_logps: every prompt needs at least one token (e.g. the begin token)")
+    device = device if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        tokens, mask, response_mask = collate(prompts[start:start + batch_size],
+                                              responses[start:start + batch_size], device)
+        with autocast(device):
+            logits = model(tokens, mask)
+        out.append(sequence_logps(logits, tokens, response_mask).float().cpu())
+    model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+             beta: float = 0.1, label_smoothing: float = 0.0):
+    """The DPO loss per example (RLHF Workflow eq. 5), with optional label smoothing (conservative DPO, cDPO).
+
+    All inputs are summed sequence log-probs, Tensor [B]. With h = (pi_c - ref_c) - (pi_r - ref_r) and eps the
+    label smoothing (the assumed chance that a label is flipped):
+
+        loss = -(1 - eps) * log sigmoid(beta * h) - eps * log sigmoid(-beta * h)
+
+    eps = 0 is plain DPO; at policy = reference, h = 0 and the loss is log 2 whatever eps is.
+    Returns (losses, chosen_rewards, rejected_rewards), each [B]; the rewards are the implicit rewards
+    beta * (log pi - log pi0) of each response, detached (diagnostics only)."""
+    chosen_logratios = policy_chosen_logps - reference_chosen_logps
+    rejected_logratios = policy_rejected_logps - reference_rejected_logps
+    h = chosen_logratios - rejected_logratios
+    losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+
+
+def ipo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+             chosen_lengths, rejected_lengths, beta: float = 0.1):
+    """The IPO loss per example (Azar et al. 2023, eq. 17), on log-probs AVERAGED over response tokens.
+
+    Inputs are summed sequence log-probs [B] and the number of response tokens of each [B]; as in the IPO paper's
+    practice, each log-ratio is divided by its response length (clamped to at least 1, so an empty response gives
+    a log-ratio of 0, not NaN). With h = (pi_c - ref_c) / n_c - (pi_r - ref_r) / n_r:
+
+        loss = (h - 1 / (2 * beta))^2
+
+    A squared loss pulls h to a fixed margin instead of pushing it without bound as DPO does. Returns
+    (losses, chosen_rewards, rejected_rewards); the rewards are beta times the averaged log-ratios, detached."""
+    chosen_logratios = (policy_chosen_logps - reference_chosen_logps) / chosen_lengths.clamp(min=1)
+    rejected_logratios = (policy_rejected_logps - reference_rejected_logps) / rejected_lengths.clamp(min=1)
+    h = chosen_logratios - rejected_logratios
+    losses = (h - 1 / (2 * beta)) ** 2
+    return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+
+
+def train_dpo(policy, pairs, beta: float = 0.1, steps: int = 100, lr: float = 5e-5, batch_size: int = 16,
+              label_smoothing: float = 0.0, loss: str = "dpo", reference=None, reference_logps=None,
+              seed: int = 0, device="cpu", warmup: int = 0, weight_decay: float = 0.0, grad_clip: float = 1.0,
+              ref_batch_size: int = 32) -> list[dict]:
+    """Fit `policy` (in place, on `device`) to `pairs`, a list of (prompt, chosen, rejected) token lists; responses
+    end with their stop token when they stopped. Returns one stats dict per step (see `train.fit`).
+
+    The reference log-probs are computed once, before the first update, in batches of `ref_batch_size`:
+    - `reference_logps=(chosen [N], rejected [N])` if given (e.g. cached for pi0, or computed by the caller with a
+      LoRA policy's adapters switched off);
+    - else by `reference` if given (a different model, e.g. pi0 while continuing from the previous iterate);
+    - else by `policy` itself, before any update.
+    loss: "dpo" (with `label_smoothing` > 0 it is cDPO) or "ipo"."""
+    if loss not in ("dpo", "ipo"):
+        raise ValueError(f"unknown loss {loss!r}; choose 'dpo' or 'ipo'")
+    if loss == "ipo" and label_smoothing:
+        raise ValueError("label_smoothing applies to the DPO loss only, not to IPO")
+    prompts = [p for p, _, _ in pairs]
+    chosen = [c for _, c, _ in pairs]
+    rejected = [r for _, _, r in pairs]
+    if reference_logps is None:
+        # chosen and rejected in one list, so the reference sees each batch once: [2N] -> two [N]
+        both = response_logps(reference if reference is not None else policy, prompts + prompts,
+                              chosen + rejected, ref_batch_size, device)
+        reference_logps = (both[:len(pairs)], both[len(pairs):])
+    reference_chosen, reference_rejected = (x.to(device) for x in reference_logps)
+
+    def loss_fn(indices):
+        batch_prompts = [prompts[i] for i in indices]
+        # chosen and rejected through the policy in one forward pass of 2B rows
+        tokens, mask, response_mask = collate(batch_prompts + batch_prompts, [chosen[i] for i in indices]
+                                              + [rejected[i] for i in indices], device)
+        logps = sequence_logps(policy(tokens, mask), tokens, response_mask)       # [2B]
+        B = len(indices)
+        policy_chosen, policy_rejected = logps[:B], logps[B:]
+        index = torch.tensor(indices, device=device)
+        ref_c, ref_r = reference_chosen[index], reference_rejected[index]
+        if loss == "ipo":
+            lengths = response_mask[:, 1:].sum(-1)                                 # [2B] targets per row
+            losses, chosen_rewards, rejected_rewards = ipo_loss(
+                policy_chosen, policy_rejected, ref_c, ref_r, lengths[:B], lengths[B:], beta)
+        else:
+            losses, chosen_rewards, rejected_rewards = dpo_loss(
+                policy_chosen, policy_rejected, ref_c, ref_r, beta, label_smoothing)
+        stats = {
+            "accuracy": (chosen_rewards > rejected_rewards).float().mean().item(),
+            "margin": (chosen_rewards - rejected_rewards).mean().item(),
+            "chosen_logps": policy_chosen.mean().item(),    # both may fall during DPO: watch them
+            "rejected_logps": policy_rejected.mean().item(),
+        }
+        return losses.mean(), stats
+
+    batches = shuffled_batches(len(pairs), batch_size, seed)
+    return fit(policy, loss_fn, batches, steps, lr, warmup, weight_decay, grad_clip, desc=loss, device=device)
+
+
+if __name__ == "__main__":
+    from model import GPT, GPTConfig
+    torch.manual_seed(0)
+    policy = GPT(GPTConfig(vocab_size=32, dim=32, n_layer=2, n_head=2, n_kv_head=1, ffn_hidden=64, max_seq_len=16))
+    # a toy preference: after any prompt, answer token 5 rather than token 6 (then the end token 1)
+    gen = torch.Generator().manual_seed(0)
+    pairs = [(torch.randint(7, 32, (4,), generator=gen).tolist(), [5, 1], [6, 1]) for _ in range(64)]
+    history = train_dpo(policy, pairs, beta=0.1, steps=40, lr=1e-3, batch_size=16)
+    for step in (0, 9, 19, 39):
+        print(f"step {step + 1:2d}: " + ", ".join(f"{k} {v:+.3f}" for k, v in history[step].items()))

@@ -1,0 +1,263 @@
+"""The synthetic world: prompts, the SFT corpus, the ground-truth reward r*, the Bradley-Terry oracle.
+
+A seeded generator of short English requests ("Write a formal note to your boss about coffee.") and responses
+built from a small phrase book. The ground-truth reward r*(x, a) is computed from the TEXT of the prompt and the
+response alone (topic and tone are parsed out of the prompt), so any string is valid input. The oracle answers
+y ~ Bernoulli(P(a1 > a2 | x)) with P = sigmoid((r*(x,a1) - r*(x,a2)) / temperature)   (RLHF Workflow, eq. 1).
+
+r* is the sum of named parts (`reward_parts` returns them), each bounded:
+
+| part       | rule                                                                              | min  | max  |
+| ---------- | --------------------------------------------------------------------------------- | ---- | ---- |
+| topic      | +1.5 if the prompt's topic word appears; -0.5 per other topic word (at most -1.5) | -1.5 | +1.5 |
+| tone       | +1.0 if the asked tone's greeting appears; -0.5 if another tone's greeting does   | -0.5 | +1.0 |
+| politeness | +1.0 if a polite phrase appears; -1.0 if a rude one does (both can count)         | -1.0 | +1.0 |
+| detail     | +0.4 per distinct "It is {adjective}." sentence, up to 2                          |  0.0 | +0.8 |
+| concision  | -0.02 per character past 130 (stripped text), at most -2.0                        | -2.0 |  0.0 |
+| repetition | -0.5 per sentence that repeats an earlier one, at most -2.0                       | -2.0 |  0.0 |
+| finished   | +0.5 if the stripped text ends in . ! or ?, else -1.0 (cut off by a token cap)    | -1.0 | +0.5 |
+| total      |                                                                                   | -8.0 | +4.8 |
+
+Word matches are case-insensitive and on word boundaries. The detail part is what a learned proxy can over-learn:
+more details look good until length and repetition cost more than they add.
+
+The SFT corpus mixes good and bad choices independently (each good choice is a minority), so pi0 fit to it has
+wide support, a low mean reward and rare maximal responses. Simplified on purpose: one fixed phrase book, no
+grammar beyond it; `malformed` flags any word outside it (to watch DPO push mass into misspellings).
+
+Run `python oracle.py` to print a few prompts, sampled responses, their reward parts and corpus statistics.
+"""
+import math
+import re
+import time
+from functools import lru_cache
+
+import numpy as np
+
+TOPICS = ("garden coffee cats music chess soccer cooking books ocean trains painting baking hiking movies moon "
+          "tea birds bikes rain snow pizza dogs stars rivers apples jazz poetry tennis camping winter summer "
+          "flowers robots maps clocks bread forests boats kites honey").split()
+TONES = ("formal", "friendly", "cheerful")
+GREETINGS = {"formal": "Dear colleague,", "friendly": "Hi friend,", "cheerful": "Hello there!"}
+RECIPIENTS = ("your boss", "a friend", "your neighbor", "a teacher", "your team", "a customer")
+TEMPLATES = ("Write a {tone} note to {recipient} about {topic}.", "Send {recipient} a {tone} message about {topic}.")
+BODIES = ("I want to share a thought about {topic}.", "Here is a short note about {topic}.",
+          "I have been thinking about {topic}.")
+ADJECTIVES = ("lovely", "useful", "calm", "bright", "simple", "warm", "fresh", "gentle")
+DETAIL = "It is {adj}."
+POLITE = ("Thank you for your time.", "Please write back soon.")
+RUDE = ("Do not bother me again.",)
+CLOSING = "Best wishes."
+
+# (min, max) of each part; the totals are their sums (same order as reward_parts, so floats compare exactly).
+PART_BOUNDS = {"topic": (-1.5, 1.5), "tone": (-0.5, 1.0), "politeness": (-1.0, 1.0), "detail": (0.0, 0.8),
+               "concision": (-2.0, 0.0), "repetition": (-2.0, 0.0), "finished": (-1.0, 0.5)}
+REWARD_MIN = round(sum(lo for lo, _ in PART_BOUNDS.values()), 6)  # -8.0
+REWARD_MAX = round(sum(hi for _, hi in PART_BOUNDS.values()), 6)  # 4.8
+MAX_CHARS = 130  # concision starts to cost past this many characters
+
+# SFT sampler: each good choice is a minority choice, drawn independently.
+P_TONE_GREETING, P_OTHER_GREETING = 0.3, 0.5  # else no greeting
+P_ON_TOPIC = 0.3
+P_POLITE, P_RUDE = 0.3, 0.35  # else neither
+P_CLOSING = 0.6
+P_REPEAT_DETAIL = 0.15  # one detail sentence said twice
+P_RAMBLE = 0.12  # 5-10 detail sentences from 1-2 adjectives: long enough to run past a 160-token cap
+P_TRAIL_OFF = 0.1  # the last full stop is dropped: pi0 learns that unfinished endings happen
+
+_TOPIC_RE = re.compile(r"\b(" + "|".join(TOPICS) + r")\b", re.IGNORECASE)
+_TONE_RE = re.compile(r"\b(" + "|".join(TONES) + r")\b", re.IGNORECASE)
+# greetings match on their words, so "Dear colleague." still counts as the formal greeting
+_GREETING_RE = {t: re.compile(r"\b" + g.rstrip(",!").lower() + r"\b") for t, g in GREETINGS.items()}
+_DETAIL_RE = re.compile(r"\bit is (\w+)\.", re.IGNORECASE)
+_SENTENCE_END_RE = re.compile(r"(?<=[.!?])\s+")
+_PUNCT = ".,!?;:"
+KNOWN_WORDS = frozenset(w.strip(_PUNCT).lower() for phrase in
+                        (*GREETINGS.values(), *BODIES, DETAIL, *POLITE, *RUDE, CLOSING, *TOPICS, *ADJECTIVES)
+                        for w in phrase.split() if w not in ("{topic}.", "{adj}."))
+
+
+def _check_str(name, value):
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be str, got {type(value).__name__}")
+
+
+@lru_cache(maxsize=4096)
+def parse_prompt(prompt: str) -> tuple[str | None, str | None]:
+    """(topic, tone) read from the prompt text; None where the text names none."""
+    topics, tones = _TOPIC_RE.findall(prompt), _TONE_RE.findall(prompt)
+    # the world's templates end with "about {topic}", so the last topic word is the one asked about
+    return (topics[-1].lower() if topics else None), (tones[0].lower() if tones else None)
+
+
+def reward_parts(prompt: str, response: str) -> dict[str, float]:
+    """The named parts of r*(prompt, response); see the table in the module docstring."""
+    _check_str("prompt", prompt)
+    _check_str("response", response)
+    topic, tone = parse_prompt(prompt)
+    text = response.strip()
+    low = text.lower()
+    mentioned = {t.lower() for t in _TOPIC_RE.findall(text)}
+    others = len(mentioned - {topic})
+    parts = {"topic": (1.5 if topic in mentioned else 0.0) - min(1.5, 0.5 * others)}
+    tone_part = 0.0
+    if tone is not None:  # a prompt with no tone word asks for no greeting in particular
+        tone_part += 1.0 if _GREETING_RE[tone].search(low) else 0.0
+        tone_part -= 0.5 if any(g.search(low) for t, g in _GREETING_RE.items() if t != tone) else 0.0
+    parts["tone"] = tone_part
+    parts["politeness"] = (1.0 if any(p.lower() in low for p in POLITE) else 0.0) - \
+                          (1.0 if any(p.lower() in low for p in RUDE) else 0.0)
+    details = {a.lower() for a in _DETAIL_RE.findall(text)} & set(ADJECTIVES)
+    parts["detail"] = 0.4 * min(2, len(details))
+    parts["concision"] = 0.0 - min(2.0, 0.02 * max(0, len(text) - MAX_CHARS))
+    sentences = [" ".join(s.split()) for s in _SENTENCE_END_RE.split(low) if s.strip()]
+    parts["repetition"] = 0.0 - min(2.0, 0.5 * (len(sentences) - len(set(sentences))))
+    parts["finished"] = 0.5 if text.endswith((".", "!", "?")) else -1.0
+    return {k: round(v, 6) for k, v in parts.items()}  # round away float dust (0.06000000000000001)
+
+
+def reward(prompt: str, response: str) -> float:
+    """r*(prompt, response) in [REWARD_MIN, REWARD_MAX]: the sum of reward_parts."""
+    return round(sum(reward_parts(prompt, response).values()), 6)
+
+
+def malformed(response: str) -> bool:
+    """True when the response holds a word outside the world's phrase book (e.g. a misspelling)."""
+    _check_str("response", response)
+    return any(w.strip(_PUNCT).lower() not in KNOWN_WORDS for w in response.split() if w.strip(_PUNCT))
+
+
+class World:
+    """All 1440 prompts, a seeded train/eval split, and the SFT sampler."""
+
+    def __init__(self, seed: int = 0, n_eval: int = 512):
+        self.seed = seed
+        self.prompts = [tpl.format(tone=tone, recipient=rec, topic=topic) for tpl in TEMPLATES
+                        for tone in TONES for rec in RECIPIENTS for topic in TOPICS]
+        self.fields = {p: parse_prompt(p) for p in self.prompts}  # prompt -> (topic, tone)
+        if not 0 < n_eval < len(self.prompts):
+            raise ValueError(f"n_eval must be in 1..{len(self.prompts) - 1}, got {n_eval}")
+        order = np.random.default_rng(seed).permutation(len(self.prompts))
+        # eval prompts are held out from every training use (SFT, reward model, DPO)
+        self.eval_prompts = [self.prompts[i] for i in order[:n_eval]]
+        self.train_prompts = [self.prompts[i] for i in order[n_eval:]]
+
+    def sample_response(self, prompt: str, rng: np.random.Generator) -> str:
+        """One SFT response: greeting, body, details, politeness, closing, each chosen independently."""
+        topic, tone = parse_prompt(prompt)
+        u = rng.random(10)  # one draw per response keeps 20000 samples well under a second
+        other_tones = [t for t in TONES if t != tone]
+        if u[0] < P_TONE_GREETING and tone is not None:
+            words = [GREETINGS[tone]]
+        elif u[0] < P_TONE_GREETING + P_OTHER_GREETING:
+            words = [GREETINGS[other_tones[int(u[1] * len(other_tones))]]]
+        else:
+            words = []
+        on_topic = u[2] < P_ON_TOPIC and topic is not None
+        off_topics = [t for t in TOPICS if t != topic]
+        body_topic = topic if on_topic else off_topics[int(u[8] * len(off_topics))]
+        words.append(BODIES[int(u[3] * len(BODIES))].format(topic=body_topic))
+        if u[4] < P_RAMBLE:
+            adjs = rng.choice(ADJECTIVES, size=rng.integers(1, 3), replace=False)
+            details = [DETAIL.format(adj=adjs[i % len(adjs)]) for i in range(rng.integers(5, 11))]
+        else:
+            details = [DETAIL.format(adj=a) for a in rng.choice(ADJECTIVES, size=rng.integers(0, 4), replace=False)]
+            if details and u[4] < P_RAMBLE + P_REPEAT_DETAIL:
+                details.append(details[-1])
+        words += details
+        if u[5] < P_POLITE:
+            words.append(POLITE[int(u[6] * len(POLITE))])
+        elif u[5] < P_POLITE + P_RUDE:
+            words.append(RUDE[0])
+        if u[7] < P_CLOSING:
+            words.append(CLOSING)
+        text = " ".join(words)
+        return text[:-1] if u[9] < P_TRAIL_OFF and text.endswith(".") else text
+
+    def sft_corpus(self, n: int, seed: int) -> list[tuple[str, str]]:
+        """n (prompt, response) pairs on train prompts only, drawn with replacement."""
+        rng = np.random.default_rng(seed)
+        idx = rng.integers(0, len(self.train_prompts), size=n)
+        return [(self.train_prompts[i], self.sample_response(self.train_prompts[i], rng)) for i in idx]
+
+    def best_response(self, prompt: str) -> str:
+        """The hand-built optimum: asked greeting, on topic, two details, polite, closed (<= 130 chars)."""
+        topic, tone = parse_prompt(prompt)
+        return " ".join([GREETINGS[tone or "formal"], BODIES[0].format(topic=topic or TOPICS[0]),
+                         DETAIL.format(adj=ADJECTIVES[0]), DETAIL.format(adj=ADJECTIVES[1]), POLITE[0], CLOSING])
+
+
+class Oracle:
+    """Bradley-Terry preference oracle over r*; counts every label it gives in `queries`."""
+
+    def __init__(self, temperature: float = 1.0):
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.temperature = float(temperature)
+        self.queries = 0
+
+    def reward(self, prompt: str, response: str) -> float:
+        return reward(prompt, response)
+
+    def reward_parts(self, prompt: str, response: str) -> dict[str, float]:
+        return reward_parts(prompt, response)
+
+    def prob(self, prompt: str, a: str, b: str) -> float:
+        """P(a > b | prompt) = sigmoid((r*(a) - r*(b)) / temperature), eq. 1."""
+        _check_str("prompt", prompt)
+        _check_str("response a", a)
+        _check_str("response b", b)
+        d = (reward(prompt, a) - reward(prompt, b)) / self.temperature
+        if d >= 0:  # the two branches keep exp from overflowing for any sign of d
+            return 1.0 / (1.0 + math.exp(-d))
+        e = math.exp(d)
+        return e / (1.0 + e)
+
+    def label(self, prompt: str, a: str, b: str, rng: np.random.Generator) -> bool:
+        """One preference label y ~ Bernoulli(P(a > b)): True means a is preferred. Costs one query."""
+        p = self.prob(prompt, a, b)
+        self.queries += 1
+        return bool(rng.random() < p)
+
+
+def _mean_stderr(scores: list[float]) -> tuple[float, float]:
+    x = np.asarray(scores, dtype=np.float64)
+    return float(x.mean()), (float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else float("nan"))
+
+
+def _check_lengths(prompts, responses_a, responses_b):
+    if not len(prompts) == len(responses_a) == len(responses_b) or len(prompts) == 0:
+        raise ValueError(f"need equal non-zero lengths, got {len(prompts)}, {len(responses_a)}, {len(responses_b)}")
+
+
+# Win-rates are evaluation with the known truth: they read r* directly and do NOT count as label queries.
+def soft_win_rate(oracle: Oracle, prompts, responses_a, responses_b) -> tuple[float, float]:
+    """Mean over prompts of P(a_i > b_i) (the Bradley-Terry win-rate) and its standard error."""
+    _check_lengths(prompts, responses_a, responses_b)
+    return _mean_stderr([oracle.prob(x, a, b) for x, a, b in zip(prompts, responses_a, responses_b)])
+
+
+def hard_win_rate(oracle: Oracle, prompts, responses_a, responses_b) -> tuple[float, float]:
+    """Mean over prompts of 1 if r*(a_i) > r*(b_i), 0.5 if equal, 0 if less; and its standard error."""
+    _check_lengths(prompts, responses_a, responses_b)
+    diffs = [oracle.reward(x, a) - oracle.reward(x, b) for x, a, b in zip(prompts, responses_a, responses_b)]
+    return _mean_stderr([1.0 if d > 0 else 0.5 if d == 0 else 0.0 for d in diffs])
+
+
+if __name__ == "__main__":
+    world, oracle = World(seed=0), Oracle()
+    rng = np.random.default_rng(0)
+    for prompt in world.train_prompts[:4]:
+        print(prompt)
+        for response in [world.sample_response(prompt, rng) for _ in range(2)] + [world.best_response(prompt)]:
+            print(f"  {oracle.reward(prompt, response):+.2f}  {response}")
+            print(f"         {oracle.reward_parts(prompt, response)}")
+    t0 = time.perf_counter()
+    corpus = world.sft_corpus(20000, seed=0)
+    seconds = time.perf_counter() - t0
+    r = np.array([oracle.reward(x, a) for x, a in corpus])
+    print(f"{len(world.prompts)} prompts ({len(world.train_prompts)} train, {len(world.eval_prompts)} eval); "
+          f"corpus of {len(corpus)} in {seconds:.2f}s")
+    print(f"r* mean {r.mean():.2f}, p10 {np.percentile(r, 10):.2f}, p90 {np.percentile(r, 90):.2f}, "
+          f"max {REWARD_MAX} reached by {np.mean(r == REWARD_MAX):.2%}, "
+          f"longer than 160 chars {np.mean([len(a) > 160 for _, a in corpus]):.2%}")

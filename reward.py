@@ -1,0 +1,151 @@
+"""
+The Bradley-Terry reward model: a scalar head on the GPT, its loss, its training, and scoring responses.
+
+What it owns: `bradley_terry_loss`, `RewardModel` (a GPT backbone, initialised by the caller from pi0, plus a
+linear head read at the last real token of each row), `score` and `embed` (batched, without gradient),
+`train_reward_model` (on `train.fit`) and `pairwise_accuracy` (held-out agreement with labels).
+
+The model behind it (RLHF Workflow eq. 1): P(a1 > a2 | x) = sigmoid(r(x, a1) - r(x, a2)). Fitting r by maximum
+likelihood on labelled pairs (a_w preferred to a_l) minimises
+
+    loss = -log sigmoid(r(x, a_w) - r(x, a_l))
+
+averaged over pairs. The reward is defined only up to a constant per prompt; nothing here pins it.
+
+The head reads the final hidden state of the last REAL token of each row, found from the mask and never from a
+token value (a pad id equal to EOS put Llama reward models' scores at the wrong place, REFERENCES.md 2 and 5.7).
+That hidden state is also phi(x, a), the feature vector of the uncertainty enhancer (`RewardModel.features`,
+`embed`).
+
+What it simplifies: one scalar head, no reward centring or margin term, no ensembles; the caller tokenises.
+
+    python reward.py   # fits a tiny random reward model to a toy preference and prints its accuracy
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from train import autocast, collate, fit, shuffled_batches
+
+
+def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
+    """Mean over pairs of -log sigmoid(r_chosen - r_rejected) (RLHF Workflow eq. 1); log 2 at equal rewards."""
+    return -F.logsigmoid(chosen_rewards - rejected_rewards).mean()
+
+
+class RewardModel(nn.Module):
+    """r(x, a) = head(phi(x, a)), with phi the backbone's final normed hidden state at the last real token.
+
+    `backbone` is a GPT the reward model owns and trains (pass a deep copy of pi0: the paper initialises the
+    reward model from the SFT model). Its output matrix is unused."""
+
+    def __init__(self, backbone):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(backbone.config.dim, 1)
+        # a zero head starts every reward at exactly 0 (first loss log 2, all ties); the backbone gets gradient
+        # from the second step on, once the head has moved
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def features(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """phi(x, a): the hidden state [B, C] at the last real token of each row of tokens [B, T].
+
+        mask: bool [B, T] of real tokens, any padding (left, right, or none when mask is None)."""
+        hidden = self.backbone.hidden_states(tokens, mask)                          # [B, T, C]
+        B, T = tokens.shape
+        if mask is None:
+            last = torch.full((B,), T - 1, device=tokens.device)
+        else:
+            if not mask.any(1).all():
+                raise ValueError("RewardModel: a row has no real token")
+            positions = torch.arange(T, device=tokens.device).expand(B, T)
+            last = torch.where(mask, positions, -1).max(1).values                   # [B] last True column
+        return hidden[torch.arange(B, device=tokens.device), last]                  # [B, C]
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Rewards [B], float32."""
+        return self.head(self.features(tokens, mask)).squeeze(-1).float()
+
+
+@torch.no_grad()
+def _batched(rm, method, prompts, responses, batch_size, device):
+    """Apply rm.forward or rm.features to prompt + response rows in batches; results concatenated on the CPU."""
+    device = device if device is not None else next(rm.parameters()).device
+    was_training = rm.training
+    rm.eval()
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        tokens, mask, _ = collate(prompts[start:start + batch_size], responses[start:start + batch_size], device)
+        with autocast(device):
+            out.append(method(tokens, mask).float().cpu())
+    rm.train(was_training)
+    return torch.cat(out)
+
+
+def score(rm, prompts: list[list[int]], responses: list[list[int]], batch_size: int = 64,
+          device=None) -> torch.Tensor:
+    """r(x, a) for each (prompt, response) token-list pair: Tensor [N] on the CPU, without gradient."""
+    return _batched(rm, rm.forward, prompts, responses, batch_size, device)
+
+
+def embed(rm, prompts: list[list[int]], responses: list[list[int]], batch_size: int = 64,
+          device=None) -> torch.Tensor:
+    """phi(x, a) for each (prompt, response) pair: Tensor [N, C] on the CPU, without gradient."""
+    return _batched(rm, rm.features, prompts, responses, batch_size, device)
+
+
+def train_reward_model(rm, pairs, steps: int = 200, lr: float = 1e-4, batch_size: int = 32, seed: int = 0,
+                       device="cpu", weight_decay: float = 0.0, warmup: int = 0,
+                       grad_clip: float = 1.0) -> list[dict]:
+    """Fit `rm` (in place, on `device`) to `pairs`, a list of (prompt, chosen, rejected) token lists, with the
+    Bradley-Terry loss. Returns one stats dict per step: loss, accuracy (r_chosen > r_rejected), margin."""
+    prompts = [p for p, _, _ in pairs]
+    chosen = [c for _, c, _ in pairs]
+    rejected = [r for _, _, r in pairs]
+
+    def loss_fn(indices):
+        batch_prompts = [prompts[i] for i in indices]
+        # chosen and rejected in one forward pass of 2B rows
+        tokens, mask, _ = collate(batch_prompts + batch_prompts, [chosen[i] for i in indices]
+                                  + [rejected[i] for i in indices], device)
+        rewards = rm(tokens, mask)                                                  # [2B]
+        chosen_rewards, rejected_rewards = rewards[:len(indices)], rewards[len(indices):]
+        stats = {"accuracy": (chosen_rewards > rejected_rewards).float().mean().item(),
+                 "margin": (chosen_rewards - rejected_rewards).mean().item()}
+        return bradley_terry_loss(chosen_rewards, rejected_rewards), stats
+
+    batches = shuffled_batches(len(pairs), batch_size, seed)
+    return fit(rm, loss_fn, batches, steps, lr, warmup, weight_decay, grad_clip, desc="reward", device=device)
+
+
+def pairwise_accuracy(rm, comparisons, batch_size: int = 64, device=None) -> float:
+    """Share of (prompt, a, b, a_wins) comparisons where sign(r(a) - r(b)) agrees with the label a_wins;
+    an exact tie r(a) == r(b) counts one half."""
+    if not comparisons:
+        raise ValueError("pairwise_accuracy: no comparisons")
+    prompts = [x for x, _, _, _ in comparisons]
+    rewards_a = score(rm, prompts, [a for _, a, _, _ in comparisons], batch_size, device)
+    rewards_b = score(rm, prompts, [b for _, _, b, _ in comparisons], batch_size, device)
+    a_wins = torch.tensor([bool(label) for _, _, _, label in comparisons])
+    agree = ((rewards_a > rewards_b) == a_wins).float()
+    agree = torch.where(rewards_a == rewards_b, 0.5, agree)
+    return agree.mean().item()
+
+
+if __name__ == "__main__":
+    from model import GPT, GPTConfig
+    torch.manual_seed(0)
+    rm = RewardModel(GPT(GPTConfig(vocab_size=32, dim=32, n_layer=2, n_head=2, n_kv_head=1, ffn_hidden=64,
+                                   max_seq_len=16)))
+    # a toy preference: a response holding token 5 beats one holding token 6, whatever else it holds
+    gen = torch.Generator().manual_seed(0)
+
+    def toy(n):
+        rows = torch.randint(7, 32, (n, 6), generator=gen).tolist()
+        return [(r[:3], [r[3], 5, r[4]], [r[3], 6, r[5]]) for r in rows]
+
+    history = train_reward_model(rm, toy(128), steps=60, lr=1e-3, batch_size=16)
+    held_out = [(x, a, b, True) for x, a, b in toy(64)]
+    print(f"train loss {history[0]['loss']:.3f} -> {history[-1]['loss']:.3f}; "
+          f"held-out accuracy {pairwise_accuracy(rm, held_out):.3f}")

@@ -1,0 +1,231 @@
+"""Tests for oracle.py: the reward parts by hand, the bounds, Bradley-Terry, labels, win-rates, the world.
+
+Every test is seeded, so it passes or fails the same way on every run; the sampling tests say which property
+they check and how wide their tolerance is.
+"""
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import oracle  # noqa: E402
+from oracle import REWARD_MAX, REWARD_MIN, Oracle, World, hard_win_rate, malformed, soft_win_rate  # noqa: E402
+
+PROMPT = "Write a formal note to your boss about coffee."
+BEST = ("Dear colleague, I want to share a thought about coffee. It is lovely. It is useful. "
+        "Thank you for your time. Best wishes.")
+
+
+@pytest.fixture(scope="module")
+def world():
+    return World(seed=0)
+
+
+@pytest.fixture(scope="module")
+def corpus(world):
+    return world.sft_corpus(20000, seed=0)
+
+
+def garbage_strings(n, seed):
+    """Random bytes as latin-1, random code points (surrogates included), and shuffled phrase-book words."""
+    rng = random.Random(seed)
+    words = " ".join([*oracle.GREETINGS.values(), *oracle.POLITE, *oracle.RUDE, *oracle.TOPICS, BEST * 3]).split()
+    out = []
+    for i in range(n):
+        k = rng.randint(0, 400)
+        if i % 3 == 0:
+            out.append(bytes(rng.randrange(256) for _ in range(k)).decode("latin-1"))
+        elif i % 3 == 1:
+            out.append("".join(chr(rng.randrange(0x110000)) for _ in range(k)))
+        else:
+            out.append(" ".join(rng.choice(words) for _ in range(k // 5)))
+    return out
+
+
+# ---- the reward parts, scored by hand ----
+
+@pytest.mark.parametrize("response, expected", [
+    # the optimum: every part at its maximum, 121 characters
+    (BEST, dict(topic=1.5, tone=1.0, politeness=1.0, detail=0.8, concision=0.0, repetition=0.0, finished=0.5)),
+    # off topic: pizza instead of coffee -> topic -0.5 (4.8 - 2.0 = 2.8)
+    (BEST.replace("coffee", "pizza"),
+     dict(topic=-0.5, tone=1.0, politeness=1.0, detail=0.8, concision=0.0, repetition=0.0, finished=0.5)),
+    # the friendly greeting on a formal prompt -> tone -0.5
+    ("Hi friend, I want to share a thought about coffee. Thank you for your time.",
+     dict(topic=1.5, tone=-0.5, politeness=1.0, detail=0.0, concision=0.0, repetition=0.0, finished=0.5)),
+    # rude
+    ("Dear colleague, I want to share a thought about coffee. Do not bother me again.",
+     dict(topic=1.5, tone=1.0, politeness=-1.0, detail=0.0, concision=0.0, repetition=0.0, finished=0.5)),
+    # 55 + 10 * 12 = 175 chars: concision -0.02 * 45 = -0.9; 9 repeats * -0.5 = -4.5 -> floor -2.0
+    ("Dear colleague, I want to share a thought about coffee." + " It is warm." * 10,
+     dict(topic=1.5, tone=1.0, politeness=0.0, detail=0.4, concision=-0.9, repetition=-2.0, finished=0.5)),
+    # 55 + 15 * 12 = 235 chars: concision -2.1 -> floor -2.0; repetition floor -2.0
+    ("Dear colleague, I want to share a thought about coffee." + " It is warm." * 15,
+     dict(topic=1.5, tone=1.0, politeness=0.0, detail=0.4, concision=-2.0, repetition=-2.0, finished=0.5)),
+    # cut off: no terminal punctuation -> finished -1.0; "It is warm" without its full stop is no detail
+    ("Dear colleague, I want to share a thought about coffee. It is warm",
+     dict(topic=1.5, tone=1.0, politeness=0.0, detail=0.0, concision=0.0, repetition=0.0, finished=-1.0)),
+    # four other topics: -0.5 * 4 = -2.0 -> floor -1.5
+    ("Cats, dogs, birds and tennis.",
+     dict(topic=-1.5, tone=0.0, politeness=0.0, detail=0.0, concision=0.0, repetition=0.0, finished=0.5)),
+    # the empty response is unfinished and nothing else
+    ("", dict(topic=0.0, tone=0.0, politeness=0.0, detail=0.0, concision=0.0, repetition=0.0, finished=-1.0)),
+])
+def test_reward_parts_match_hand_computed(response, expected):
+    parts = oracle.reward_parts(PROMPT, response)
+    assert parts == pytest.approx(expected, abs=1e-9)
+    assert oracle.reward(PROMPT, response) == pytest.approx(sum(expected.values()), abs=1e-9)
+
+
+def test_best_response_reaches_documented_maximum(world):
+    assert REWARD_MAX == 4.8 and REWARD_MIN == -8.0
+    assert oracle.reward(PROMPT, BEST) == REWARD_MAX
+    for prompt in world.prompts:
+        best = world.best_response(prompt)
+        assert len(best) <= oracle.MAX_CHARS and oracle.reward(prompt, best) == REWARD_MAX
+
+
+def test_prompt_outside_the_world_is_parsed_from_its_text():
+    # topic jazz found, no tone word: tone scores 0 whatever the greeting
+    assert oracle.reward("Tell me about jazz", "Hello there! Jazz is fun.") == pytest.approx(1.5 + 0.5)
+    assert oracle.reward("", "") == -1.0
+
+
+def test_each_world_prompt_names_exactly_one_topic_and_one_tone(world):
+    # guards the word-boundary matching: no topic hides inside another word of the prompt ("tea" in "team")
+    for prompt in world.prompts:
+        assert len(oracle._TOPIC_RE.findall(prompt)) == 1 and len(oracle._TONE_RE.findall(prompt)) == 1
+        assert world.fields[prompt] == oracle.parse_prompt(prompt)
+
+
+# ---- bounds and input types ----
+
+def test_bounds_hold_on_corpus_and_garbage(corpus):
+    cases = list(corpus[:5000]) + [(PROMPT, g) for g in garbage_strings(900, seed=0)]
+    cases += list(zip(garbage_strings(300, seed=1), garbage_strings(300, seed=2)))
+    for prompt, response in cases:
+        parts = oracle.reward_parts(prompt, response)
+        for name, (lo, hi) in oracle.PART_BOUNDS.items():
+            assert lo <= parts[name] <= hi, (name, parts[name], response)
+        assert REWARD_MIN <= oracle.reward(prompt, response) <= REWARD_MAX
+        malformed(response)  # any string is valid input
+
+
+def test_non_str_raises_type_error_naming_the_argument():
+    o = Oracle()
+    with pytest.raises(TypeError, match="response must be str, got bytes"):
+        o.reward(PROMPT, b"hi")
+    with pytest.raises(TypeError, match="prompt must be str, got NoneType"):
+        o.reward_parts(None, "hi")
+    with pytest.raises(TypeError, match="response b must be str, got int"):
+        o.prob(PROMPT, "a", 3)
+    with pytest.raises(TypeError, match="response a must be str, got list"):
+        o.label(PROMPT, ["a"], "b", np.random.default_rng(0))
+    assert o.queries == 0  # a refused query is not counted
+    for t in (0.0, -1.0):
+        with pytest.raises(ValueError):
+            Oracle(temperature=t)
+
+
+# ---- Bradley-Terry probabilities and labels ----
+
+def test_prob_is_symmetric_and_half_on_ties(corpus):
+    o = Oracle()
+    rng = np.random.default_rng(0)
+    for i, j in rng.integers(0, len(corpus), size=(500, 2)):
+        prompt, a, b = corpus[i][0], corpus[i][1], corpus[j][1]
+        assert abs(o.prob(prompt, a, b) + o.prob(prompt, b, a) - 1.0) < 1e-12
+    assert o.prob(PROMPT, BEST, BEST) == 0.5
+    assert o.prob(PROMPT, "Dear colleague.", "Hello there.") != 0.5  # right vs wrong greeting
+
+
+def test_prob_is_sigmoid_of_reward_difference_over_temperature():
+    # r*(BEST) = 4.8; the same without "It is useful." = 4.4: difference 0.4
+    worse = BEST.replace(" It is useful.", "")
+    assert oracle.reward(PROMPT, worse) == pytest.approx(4.4)
+    # without the politeness sentence instead: 3.8, difference 1.0; temperature 2 -> sigmoid(0.5)
+    worst = BEST.replace(" Thank you for your time.", "")
+    assert oracle.reward(PROMPT, worst) == pytest.approx(3.8)
+    assert Oracle(temperature=2.0).prob(PROMPT, BEST, worst) == pytest.approx(1 / (1 + math.exp(-0.5)), abs=1e-12)
+    # extreme differences neither overflow nor leave [0, 1]
+    assert Oracle(temperature=1e-6).prob(PROMPT, BEST, worst) == 1.0
+    assert Oracle(temperature=1e-6).prob(PROMPT, worst, BEST) == 0.0
+
+
+def test_label_counts_queries_and_matches_prob():
+    # 20000 Bernoulli draws; the empirical frequency lies within 4 standard errors of prob
+    # (false failure chance ~6e-5 for a fresh seed; with this seed the outcome is fixed)
+    o = Oracle()
+    worse = BEST.replace(" It is useful.", "")
+    p = o.prob(PROMPT, BEST, worse)  # sigmoid(0.4) ~ 0.599
+    rng = np.random.default_rng(0)
+    n = 20000
+    wins = sum(o.label(PROMPT, BEST, worse, rng) for _ in range(n))
+    assert o.queries == n
+    assert abs(wins / n - p) < 4 * math.sqrt(p * (1 - p) / n)
+
+
+# ---- win-rates ----
+
+def test_win_rates_on_hand_made_lists():
+    o = Oracle()
+    rude = "Dear colleague, I want to share a thought about coffee. Do not bother me again."  # r* = 2.0
+    prompts = [PROMPT] * 4
+    assert soft_win_rate(o, prompts, [BEST, rude] * 2, [BEST, rude] * 2) == (0.5, 0.0)
+    assert hard_win_rate(o, prompts, [BEST, rude] * 2, [BEST, rude] * 2) == (0.5, 0.0)
+    # always beats by 4.8 - 2.0 = 2.8: soft = 1 / (1 + e^-2.8) = 0.9426758, hard = 1
+    mean, stderr = soft_win_rate(o, prompts, [BEST] * 4, [rude] * 4)
+    assert mean == pytest.approx(0.9426758, abs=1e-6) and stderr == pytest.approx(0.0, abs=1e-12)
+    assert hard_win_rate(o, prompts, [BEST] * 4, [rude] * 4) == (1.0, 0.0)
+    # one win, one loss: hard mean 0.5, std (ddof=1) sqrt(0.5), stderr sqrt(0.5)/sqrt(2) = 0.5
+    assert hard_win_rate(o, prompts[:2], [BEST, rude], [rude, BEST]) == pytest.approx((0.5, 0.5))
+    assert o.queries == 0  # evaluation with the known truth spends no labels
+    with pytest.raises(ValueError):
+        soft_win_rate(o, prompts, [BEST] * 3, [rude] * 4)
+    with pytest.raises(ValueError):
+        hard_win_rate(o, [], [], [])
+
+
+# ---- the world ----
+
+def test_world_is_deterministic_per_seed_and_split_is_disjoint():
+    a, b, c = World(seed=0), World(seed=0), World(seed=1)
+    assert a.prompts == b.prompts and a.eval_prompts == b.eval_prompts
+    assert a.sft_corpus(200, seed=3) == b.sft_corpus(200, seed=3)
+    assert a.eval_prompts != c.eval_prompts
+    assert a.sft_corpus(200, seed=3) != a.sft_corpus(200, seed=4)
+    assert len(set(a.prompts)) == len(a.prompts) == 1440
+    assert len(a.eval_prompts) == 512 and not set(a.eval_prompts) & set(a.train_prompts)
+    assert set(a.eval_prompts) | set(a.train_prompts) == set(a.prompts)
+
+
+def test_corpus_is_fast_and_uses_train_prompts_only(world):
+    start = time.perf_counter()
+    corpus = world.sft_corpus(20000, seed=0)
+    assert time.perf_counter() - start < 5.0  # about 0.5 s here; loose for slow machines
+    assert not {x for x, _ in corpus} & set(world.eval_prompts)
+    assert not any(malformed(a) for _, a in corpus)
+
+
+def test_malformed_flags_words_outside_the_phrase_book(world):
+    assert not malformed(BEST) and not malformed("") and not malformed("Hello there! It is warm")
+    assert malformed("Dear colleage, I want to share a thought about coffee.")
+    assert malformed("It is lovelyy.") and malformed("caf\u00e9")
+
+
+def test_corpus_statistics(corpus):
+    # pi0's data: low mean, wide spread, the maximum rare but present, some responses long enough to be cut
+    r = np.array([oracle.reward(x, a) for x, a in corpus])
+    at_max = float(np.mean(r == REWARD_MAX))
+    long = float(np.mean([len(a) > 160 for _, a in corpus]))
+    p10, p90 = np.percentile(r, [10, 90])
+    print(f"\nr* mean {r.mean():.2f} p10 {p10:.2f} p90 {p90:.2f} at max {at_max:.2%} over 160 chars {long:.2%}")
+    assert r.mean() < REWARD_MAX - 3
+    assert 0 < at_max < 0.05
+    assert p90 - p10 > 3
+    assert 0.01 < long < 0.2

@@ -1,0 +1,98 @@
+"""Tests of reward.py: the Bradley-Terry loss against its formula, the reward read at the last real token whatever
+the padding, training on a toy preference, and held-out accuracy with ties. All seeded and deterministic."""
+import math
+
+import pytest
+import torch
+
+from model import GPT, GPTConfig
+from reward import RewardModel, bradley_terry_loss, embed, pairwise_accuracy, score, train_reward_model
+
+TOY = dict(vocab_size=32, dim=32, n_layer=2, n_head=2, n_kv_head=1, ffn_hidden=64, max_seq_len=32)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These models are tiny: a second intra-op thread gains nothing, and on a busy 2-core machine its spin-waits
+    made this file 20x slower. Restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def toy_reward_model(seed=0, random_head=False):
+    torch.manual_seed(seed)
+    rm = RewardModel(GPT(GPTConfig(**TOY))).eval()
+    if random_head:  # the zero-initialised head scores every row 0, which would hide where it reads
+        torch.nn.init.normal_(rm.head.weight)
+    return rm
+
+
+def toy_pairs(n, seed):
+    """A response holding token 5 beats one holding token 6, whatever the prompt and the other tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.randint(7, 32, (n, 6), generator=gen).tolist()
+    return [(r[:3], [r[3], 5, r[4]], [r[3], 6, r[5]]) for r in rows]
+
+
+def test_bradley_terry_loss_hand_case():
+    # mean of -log sigmoid(d) with d = 1 and d = -2: (log(1 + e^-1) + log(1 + e^2)) / 2
+    loss = bradley_terry_loss(torch.tensor([2.0, 0.0]), torch.tensor([1.0, 2.0]))
+    assert loss.item() == pytest.approx((math.log(1 + math.exp(-1)) + math.log(1 + math.exp(2))) / 2, abs=1e-6)
+    assert bradley_terry_loss(torch.tensor([0.7, -3.0]), torch.tensor([0.7, -3.0])).item() == \
+        pytest.approx(math.log(2), abs=1e-7)
+
+
+def test_reward_read_at_last_real_token_whatever_the_padding():
+    # the same (prompt, response) scored alone, right-padded beside a longer row, and left-padded; the response
+    # ends in token 0, the pad value, so reading the reward "at the first pad token" would go wrong
+    rm = toy_reward_model(random_head=True)
+    prompt, response, longer = [3, 4, 5], [9, 10, 0], [7] * 12
+    row = torch.tensor([prompt + response])
+    alone = rm(row)[0]
+    expected_features = rm.backbone.hidden_states(row)[0, -1]                   # the last token, computed directly
+    torch.testing.assert_close(rm.features(row)[0], expected_features)
+    right = score(rm, [prompt, longer[:2]], [response, longer[2:]])             # train.collate right-pads with 0
+    torch.testing.assert_close(right[0], alone, atol=1e-5, rtol=0)
+    left = torch.tensor([[0] * 6 + prompt + response, longer])
+    left_mask = torch.tensor([[False] * 6 + [True] * 6, [True] * 12])
+    torch.testing.assert_close(rm(left, left_mask)[0], alone, atol=1e-5, rtol=0)
+    assert alone.abs() > 1e-3                                                   # the comparison is not 0 == 0
+
+
+def test_features_and_scores_shapes():
+    rm = toy_reward_model()
+    tokens = torch.randint(0, 32, (4, 7), generator=torch.Generator().manual_seed(0))
+    assert rm.features(tokens, torch.ones(4, 7, dtype=torch.bool)).shape == (4, 32)
+    assert rm(tokens).shape == (4,) and rm(tokens).dtype == torch.float32
+    prompts, responses = [[1, 2], [3], [4, 5, 6]], [[7], [8, 9], []]
+    assert embed(rm, prompts, responses, batch_size=2).shape == (3, 32)
+    assert torch.equal(score(rm, prompts, responses), torch.zeros(3))           # the head starts at zero
+    with pytest.raises(ValueError, match="no real token"):
+        rm.features(tokens[:1], torch.zeros(1, 7, dtype=torch.bool))
+
+
+def test_train_reward_model_learns_a_toy_preference():
+    # from the zero head the first loss is log 2; after training, held-out pairs are ranked right
+    rm = toy_reward_model()
+    history = train_reward_model(rm, toy_pairs(128, seed=1), steps=40, lr=1e-3, batch_size=16)
+    assert history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert history[-1]["loss"] < 0.4
+    held_out = [(x, a, b, True) for x, a, b in toy_pairs(32, seed=2)]
+    held_out += [(x, b, a, False) for x, a, b in toy_pairs(32, seed=3)]
+    assert pairwise_accuracy(rm, held_out) >= 0.95
+
+
+def test_pairwise_accuracy_counts_ties_as_one_half():
+    rm = toy_reward_model(random_head=True)
+    prompt, x, y = [3, 4], [9, 10], [11, 12]
+    rx, ry = score(rm, [prompt, prompt], [x, y]).tolist()
+    assert rx != ry
+    if rx < ry:
+        x, y = y, x                                                             # so that r(x) > r(y)
+    # right, right, wrong, tie (the same response twice): (1 + 1 + 0 + 0.5) / 4
+    comparisons = [(prompt, x, y, True), (prompt, y, x, False), (prompt, y, x, True), (prompt, x, x, True)]
+    assert pairwise_accuracy(rm, comparisons) == pytest.approx(0.625)
+    # a zero head scores everything 0: every comparison is a tie
+    assert pairwise_accuracy(toy_reward_model(), comparisons) == pytest.approx(0.5)
