@@ -1,0 +1,187 @@
+"""
+Benchmarks of model.py's Llama checkpoint loading and of one online iteration's work on a Llama-sized model.
+
+(a) Load memory. Writes a random bfloat16 model shaped like Llama 3.2 1B but with 4 of its 16 layers (about 1 GB)
+as a Hugging Face folder (model.safetensors) and as a Meta folder (consolidated.00.pth), then loads each in a fresh
+subprocess with GPT.from_pretrained(dtype=torch.bfloat16), touches every weight and runs a forward, and reports
+the child's peak resident memory (VmHWM; ru_maxrss off Linux) above its baseline after `import torch, model`, as
+a ratio of the file size. Loading through mmap + load_state_dict(assign=True) should keep it near 1.0 (target
+<= 1.3).
+(b) --gpu. On CUDA, a random model of Llama 3.2 1B's exact shape (dim 2048, 16 layers, 32 heads, 8 kv heads,
+FFN 8192, vocabulary 128256, tied, RoPE theta 500000 scaled by 32) in bfloat16 with LoRA rank 16 does one
+iteration's work: n sampled responses per prompt (tokens/s), one DPO step on (first, second) response pairs with
+the adapters-off model as reference (seconds), and the peak GPU memory of each. Without CUDA it says so and stops.
+
+What it simplifies: random weights (speed and memory do not depend on them); no tokenizer, random prompt ids.
+
+    python bench_llama.py          # (a): about a minute on 2 CPU cores, 2 GB of temporary disk, 2.5 GB of memory
+    python bench_llama.py --gpu    # (a) and (b)
+"""
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from model import GPT, GPTConfig, add_lora, lora_disabled
+
+LLAMA_32_1B = dict(vocab_size=128256, dim=2048, n_layer=16, n_head=32, n_kv_head=8, ffn_hidden=8192, norm_eps=1e-5,
+                   max_seq_len=8192, rope_theta=500000.0, tie_embeddings=True,
+                   rope_scaling=dict(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                     original_max_position=8192))
+META_PARAMS = dict(dim=2048, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=256, ffn_dim_multiplier=1.5,
+                   norm_eps=1e-5, rope_theta=500000.0, use_scaled_rope=True)  # Llama 3.2 1B's params.json
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. On Linux read VmHWM: ru_maxrss survives exec, so a child started by
+    a parent holding the 1 GB model could report the parent's footprint as its own baseline."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        line = next(line for line in status.read_text().splitlines() if line.startswith("VmHWM:"))
+        return int(line.split()[1]) / 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)
+
+
+def random_model(config: GPTConfig, device, dtype) -> GPT:
+    """GPT with its own random init, built directly in `dtype` on `device` (no float32 copy on the way)."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return GPT(config)
+    finally:
+        torch.set_default_dtype(default)
+
+
+def child(folder: str):
+    """Runs in the subprocess: load, touch, forward; print the memory numbers as one JSON line."""
+    baseline = peak_rss_mb()
+    start = time.time()
+    model = GPT.from_pretrained(folder, dtype=torch.bfloat16, rope_scaling_factor=32)
+    load_s = time.time() - start
+    with torch.no_grad():
+        for p in model.parameters():
+            p.max()  # mmap'd tensors are read from disk only when used: make every page resident
+        finite = bool(model(torch.tensor([[1, 2, 3, 4]])).isfinite().all())
+    print(json.dumps(dict(baseline_mb=baseline, peak_mb=peak_rss_mb(), load_s=load_s, finite=finite)))
+
+
+def bench_load_memory(layers: int):
+    config = GPTConfig(**{**LLAMA_32_1B, "n_layer": layers})
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model = random_model(config, "cpu", torch.bfloat16)
+        model.save_pretrained(tmp / "hf")
+        (tmp / "meta").mkdir()
+        (tmp / "meta" / "params.json").write_text(json.dumps({**META_PARAMS, "n_layers": layers}))
+        torch.save({k: v for k, v in model.state_dict().items() if k != "output.weight"},  # tied: stored once
+                   tmp / "meta" / "consolidated.00.pth")
+        del model
+        print(f"(a) Llama 3.2 1B shape with {layers} layers, bfloat16, loaded with dtype=torch.bfloat16 on the CPU")
+        for name, file in (("Hugging Face", tmp / "hf" / "model.safetensors"),
+                           ("Meta", tmp / "meta" / "consolidated.00.pth")):
+            out = subprocess.run([sys.executable, __file__, "--child", str(file.parent)], check=True,
+                                 capture_output=True, text=True).stdout
+            stats = json.loads(out.strip().splitlines()[-1])
+            size_mb = file.stat().st_size / 2**20
+            ratio = (stats["peak_mb"] - stats["baseline_mb"]) / size_mb
+            print(f"  {name:13s} {file.name:20s} {size_mb:7.0f} MiB  peak RSS above baseline "
+                  f"{stats['peak_mb'] - stats['baseline_mb']:7.0f} MiB  ratio {ratio:.2f} (target <= 1.3)  "
+                  f"load {stats['load_s']:.1f} s  logits finite: {stats['finite']}")
+
+
+def bench_gpu(args, device="cuda"):
+    if not torch.cuda.is_available():
+        print("(b) --gpu: no CUDA device here; skipped")
+        return
+    from dpo import dpo_loss, sequence_logps
+    device = torch.device(device)
+    torch.manual_seed(0)
+    model = random_model(GPTConfig(**LLAMA_32_1B), device, torch.bfloat16)
+    add_lora(model, rank=args.rank)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    print(f"(b) {torch.cuda.get_device_name()}: Llama 3.2 1B shape, bfloat16, {model.num_params() / 1e9:.2f} B "
+          f"parameters, LoRA rank {args.rank}: {sum(p.numel() for p in trainable) / 1e6:.1f} M trainable")
+    weights_gb = torch.cuda.memory_allocated() / 2**30
+
+    # sampling: n responses for each prompt, all rows in one batch
+    prompts = torch.randint(3, 128000, (args.prompts, args.prompt_len)).tolist()
+    rows = [p for p in prompts for _ in range(args.n)]
+    generator = torch.Generator(device).manual_seed(0)
+    model.eval()
+    model.generate(rows[:2], 4, generator=generator)  # warm-up: kernels, allocator
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = time.time()
+    responses = model.generate(rows, args.new_tokens, temperature=1.0, generator=generator)
+    torch.cuda.synchronize()
+    sample_s = time.time() - start
+    n_tokens = sum(map(len, responses))
+    print(f"  sampling {len(rows)} rows ({args.prompts} prompts x {args.n}) x {args.new_tokens} tokens: "
+          f"{n_tokens / sample_s:.0f} tokens/s ({sample_s:.1f} s); peak "
+          f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB (weights {weights_gb:.2f} GiB)")
+
+    # one DPO step on (first, second) response of each prompt; every row is prompt_len + new_tokens long
+    chosen = [prompts[i] + responses[i * args.n] for i in range(args.prompts)]
+    rejected = [prompts[i] + responses[i * args.n + 1] for i in range(args.prompts)]
+    tokens = torch.tensor(chosen + rejected, device=device)                              # [2B, T]
+    mask = torch.zeros_like(tokens, dtype=torch.bool)
+    mask[:, args.prompt_len:] = True                                                     # the response tokens
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.0)
+    model.train()
+
+    def dpo_step():
+        with torch.no_grad(), lora_disabled(model):  # the reference: the same weights, adapters off
+            reference = sequence_logps(model(tokens), tokens, mask)
+        policy = sequence_logps(model(tokens), tokens, mask)
+        losses, _, _ = dpo_loss(policy[:args.prompts], policy[args.prompts:], reference[:args.prompts],
+                                reference[args.prompts:], beta=0.1)
+        losses.mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    dpo_step()  # warm-up (also creates the optimizer state)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = time.time()
+    for _ in range(args.steps):
+        dpo_step()
+    torch.cuda.synchronize()
+    step_s = (time.time() - start) / args.steps
+    print(f"  DPO step on {args.prompts} pairs of {tokens.shape[1]} tokens (reference forward, policy forward and "
+          f"backward, AdamW): {step_s * 1000:.0f} ms; peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    group = parser.add_argument_group("load memory (a)")
+    group.add_argument("--layers", type=int, default=4, help="layers of the written checkpoint (4: about 1 GB)")
+    group.add_argument("--skip-load", action="store_true", help="skip (a)")
+    group.add_argument("--child", metavar="FOLDER", help=argparse.SUPPRESS)  # internal: the measuring subprocess
+    group = parser.add_argument_group("GPU iteration (b)")
+    group.add_argument("--gpu", action="store_true", help="run (b) on CUDA (skipped, exit 0, without CUDA)")
+    group.add_argument("--prompts", type=int, default=8, help="prompts per batch (also DPO pairs per step)")
+    group.add_argument("--n", type=int, default=4, help="responses sampled per prompt")
+    group.add_argument("--prompt-len", type=int, default=64, help="prompt tokens")
+    group.add_argument("--new-tokens", type=int, default=128, help="tokens sampled per response")
+    group.add_argument("--rank", type=int, default=16, help="LoRA rank")
+    group.add_argument("--steps", type=int, default=3, help="timed DPO steps (after one warm-up)")
+    args = parser.parse_args()
+    if args.child:
+        return child(args.child)
+    print(json.dumps({k: v for k, v in vars(args).items() if k != "child"}))
+    if not args.skip_load:
+        bench_load_memory(args.layers)
+    if args.gpu:
+        bench_gpu(args)
+
+
+if __name__ == "__main__":
+    main()
