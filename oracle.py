@@ -13,7 +13,7 @@ r* is the sum of named parts (`reward_parts` returns them), each bounded:
 | tone       | +1.0 if the asked tone's greeting appears; -0.5 if another tone's greeting does   | -0.5 | +1.0 |
 | politeness | +1.0 if a polite phrase appears; -1.0 if a rude one does (both can count)         | -1.0 | +1.0 |
 | detail     | +0.4 per distinct "It is {adjective}." sentence, up to 2                          |  0.0 | +0.8 |
-| concision  | -0.02 per character past 130 (stripped text), at most -2.0                        | -2.0 |  0.0 |
+| concision  | -0.02 per character past 80 (stripped text), at most -2.0                         | -2.0 |  0.0 |
 | repetition | -0.5 per sentence that repeats an earlier one, at most -2.0                       | -2.0 |  0.0 |
 | finished   | +0.5 if the stripped text ends in . ! or ?, else -1.0 (cut off by a token cap)    | -1.0 | +0.5 |
 | total      |                                                                                   | -8.0 | +4.8 |
@@ -38,23 +38,22 @@ TOPICS = ("garden coffee cats music chess soccer cooking books ocean trains pain
           "tea birds bikes rain snow pizza dogs stars rivers apples jazz poetry tennis camping winter summer "
           "flowers robots maps clocks bread forests boats kites honey").split()
 TONES = ("formal", "friendly", "cheerful")
-GREETINGS = {"formal": "Dear colleague,", "friendly": "Hi friend,", "cheerful": "Hello there!"}
-RECIPIENTS = ("your boss", "a friend", "your neighbor", "a teacher", "your team", "a customer")
+GREETINGS = {"formal": "Dear sir,", "friendly": "Hi pal,", "cheerful": "Hey there!"}
+RECIPIENTS = ("your boss", "a friend", "your aunt", "a teacher", "your team", "a client")
 TEMPLATES = ("Write a {tone} note to {recipient} about {topic}.", "Send {recipient} a {tone} message about {topic}.")
-BODIES = ("I want to share a thought about {topic}.", "Here is a short note about {topic}.",
-          "I have been thinking about {topic}.")
+BODIES = ("A note on {topic}.", "I like {topic}.", "Let us talk {topic}.")
 ADJECTIVES = ("lovely", "useful", "calm", "bright", "simple", "warm", "fresh", "gentle")
 DETAIL = "It is {adj}."
-POLITE = ("Thank you for your time.", "Please write back soon.")
-RUDE = ("Do not bother me again.",)
-CLOSING = "Best wishes."
+POLITE = ("Thank you.", "Please reply.")
+RUDE = ("Go away.",)
+CLOSING = "Regards."
 
 # (min, max) of each part; the totals are their sums (same order as reward_parts, so floats compare exactly).
 PART_BOUNDS = {"topic": (-1.5, 1.5), "tone": (-0.5, 1.0), "politeness": (-1.0, 1.0), "detail": (0.0, 0.8),
                "concision": (-2.0, 0.0), "repetition": (-2.0, 0.0), "finished": (-1.0, 0.5)}
 REWARD_MIN = round(sum(lo for lo, _ in PART_BOUNDS.values()), 6)  # -8.0
 REWARD_MAX = round(sum(hi for _, hi in PART_BOUNDS.values()), 6)  # 4.8
-MAX_CHARS = 130  # concision starts to cost past this many characters
+MAX_CHARS = 80  # concision starts to cost past this many characters
 
 # SFT sampler: each good choice is a minority choice, drawn independently.
 P_TONE_GREETING, P_OTHER_GREETING = 0.3, 0.5  # else no greeting
@@ -62,12 +61,12 @@ P_ON_TOPIC = 0.3
 P_POLITE, P_RUDE = 0.3, 0.35  # else neither
 P_CLOSING = 0.6
 P_REPEAT_DETAIL = 0.15  # one detail sentence said twice
-P_RAMBLE = 0.12  # 5-10 detail sentences from 1-2 adjectives: long enough to run past a 160-token cap
+P_RAMBLE = 0.12  # 5-10 detail sentences from 1-2 adjectives: long enough to run past a 96-token cap
 P_TRAIL_OFF = 0.1  # the last full stop is dropped: pi0 learns that unfinished endings happen
 
 _TOPIC_RE = re.compile(r"\b(" + "|".join(TOPICS) + r")\b", re.IGNORECASE)
 _TONE_RE = re.compile(r"\b(" + "|".join(TONES) + r")\b", re.IGNORECASE)
-# greetings match on their words, so "Dear colleague." still counts as the formal greeting
+# greetings match on their words, so "Dear sir." still counts as the formal greeting
 _GREETING_RE = {t: re.compile(r"\b" + g.rstrip(",!").lower() + r"\b") for t, g in GREETINGS.items()}
 _DETAIL_RE = re.compile(r"\bit is (\w+)\.", re.IGNORECASE)
 _SENTENCE_END_RE = re.compile(r"(?<=[.!?])\s+")
@@ -181,7 +180,7 @@ class World:
         return [(self.train_prompts[i], self.sample_response(self.train_prompts[i], rng)) for i in idx]
 
     def best_response(self, prompt: str) -> str:
-        """The hand-built optimum: asked greeting, on topic, two details, polite, closed (<= 130 chars)."""
+        """The hand-built optimum: asked greeting, on topic, two details, polite, closed (<= 80 chars)."""
         topic, tone = parse_prompt(prompt)
         return " ".join([GREETINGS[tone or "formal"], BODIES[0].format(topic=topic or TOPICS[0]),
                          DETAIL.format(adj=ADJECTIVES[0]), DETAIL.format(adj=ADJECTIVES[1]), POLITE[0], CLOSING])
@@ -260,4 +259,5 @@ if __name__ == "__main__":
           f"corpus of {len(corpus)} in {seconds:.2f}s")
     print(f"r* mean {r.mean():.2f}, p10 {np.percentile(r, 10):.2f}, p90 {np.percentile(r, 90):.2f}, "
           f"max {REWARD_MAX} reached by {np.mean(r == REWARD_MAX):.2%}, "
-          f"longer than 160 chars {np.mean([len(a) > 160 for _, a in corpus]):.2%}")
+          f"longer than 96 chars {np.mean([len(a) > 96 for _, a in corpus]):.2%}, "
+          f"mean length {np.mean([len(a) for _, a in corpus]):.1f} chars")

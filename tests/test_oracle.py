@@ -17,8 +17,7 @@ import oracle  # noqa: E402
 from oracle import REWARD_MAX, REWARD_MIN, Oracle, World, hard_win_rate, malformed, soft_win_rate  # noqa: E402
 
 PROMPT = "Write a formal note to your boss about coffee."
-BEST = ("Dear colleague, I want to share a thought about coffee. It is lovely. It is useful. "
-        "Thank you for your time. Best wishes.")
+BEST = "Dear sir, A note on coffee. It is lovely. It is useful. Thank you. Regards."
 
 
 @pytest.fixture(scope="module")
@@ -50,25 +49,25 @@ def garbage_strings(n, seed):
 # ---- the reward parts, scored by hand ----
 
 @pytest.mark.parametrize("response, expected", [
-    # the optimum: every part at its maximum, 121 characters
+    # the optimum: every part at its maximum, 75 characters
     (BEST, dict(topic=1.5, tone=1.0, politeness=1.0, detail=0.8, concision=0.0, repetition=0.0, finished=0.5)),
     # off topic: pizza instead of coffee -> topic -0.5 (4.8 - 2.0 = 2.8)
     (BEST.replace("coffee", "pizza"),
      dict(topic=-0.5, tone=1.0, politeness=1.0, detail=0.8, concision=0.0, repetition=0.0, finished=0.5)),
     # the friendly greeting on a formal prompt -> tone -0.5
-    ("Hi friend, I want to share a thought about coffee. Thank you for your time.",
+    ("Hi pal, A note on coffee. Thank you.",
      dict(topic=1.5, tone=-0.5, politeness=1.0, detail=0.0, concision=0.0, repetition=0.0, finished=0.5)),
     # rude
-    ("Dear colleague, I want to share a thought about coffee. Do not bother me again.",
+    ("Dear sir, A note on coffee. Go away.",
      dict(topic=1.5, tone=1.0, politeness=-1.0, detail=0.0, concision=0.0, repetition=0.0, finished=0.5)),
-    # 55 + 10 * 12 = 175 chars: concision -0.02 * 45 = -0.9; 9 repeats * -0.5 = -4.5 -> floor -2.0
-    ("Dear colleague, I want to share a thought about coffee." + " It is warm." * 10,
-     dict(topic=1.5, tone=1.0, politeness=0.0, detail=0.4, concision=-0.9, repetition=-2.0, finished=0.5)),
-    # 55 + 15 * 12 = 235 chars: concision -2.1 -> floor -2.0; repetition floor -2.0
-    ("Dear colleague, I want to share a thought about coffee." + " It is warm." * 15,
+    # 27 + 10 * 12 = 147 chars: concision -0.02 * 67 = -1.34; 9 repeats * -0.5 = -4.5 -> floor -2.0
+    ("Dear sir, A note on coffee." + " It is warm." * 10,
+     dict(topic=1.5, tone=1.0, politeness=0.0, detail=0.4, concision=-1.34, repetition=-2.0, finished=0.5)),
+    # 27 + 15 * 12 = 207 chars: concision -0.02 * 127 = -2.54 -> floor -2.0; repetition floor -2.0
+    ("Dear sir, A note on coffee." + " It is warm." * 15,
      dict(topic=1.5, tone=1.0, politeness=0.0, detail=0.4, concision=-2.0, repetition=-2.0, finished=0.5)),
     # cut off: no terminal punctuation -> finished -1.0; "It is warm" without its full stop is no detail
-    ("Dear colleague, I want to share a thought about coffee. It is warm",
+    ("Dear sir, A note on coffee. It is warm",
      dict(topic=1.5, tone=1.0, politeness=0.0, detail=0.0, concision=0.0, repetition=0.0, finished=-1.0)),
     # four other topics: -0.5 * 4 = -2.0 -> floor -1.5
     ("Cats, dogs, birds and tennis.",
@@ -92,7 +91,7 @@ def test_best_response_reaches_documented_maximum(world):
 
 def test_prompt_outside_the_world_is_parsed_from_its_text():
     # topic jazz found, no tone word: tone scores 0 whatever the greeting
-    assert oracle.reward("Tell me about jazz", "Hello there! Jazz is fun.") == pytest.approx(1.5 + 0.5)
+    assert oracle.reward("Tell me about jazz", "Hey there! Jazz is fun.") == pytest.approx(1.5 + 0.5)
     assert oracle.reward("", "") == -1.0
 
 
@@ -141,7 +140,7 @@ def test_prob_is_symmetric_and_half_on_ties(corpus):
         prompt, a, b = corpus[i][0], corpus[i][1], corpus[j][1]
         assert abs(o.prob(prompt, a, b) + o.prob(prompt, b, a) - 1.0) < 1e-12
     assert o.prob(PROMPT, BEST, BEST) == 0.5
-    assert o.prob(PROMPT, "Dear colleague.", "Hello there.") != 0.5  # right vs wrong greeting
+    assert o.prob(PROMPT, "Dear sir.", "Hey there.") != 0.5  # right vs wrong greeting
 
 
 def test_prob_is_sigmoid_of_reward_difference_over_temperature():
@@ -149,7 +148,7 @@ def test_prob_is_sigmoid_of_reward_difference_over_temperature():
     worse = BEST.replace(" It is useful.", "")
     assert oracle.reward(PROMPT, worse) == pytest.approx(4.4)
     # without the politeness sentence instead: 3.8, difference 1.0; temperature 2 -> sigmoid(0.5)
-    worst = BEST.replace(" Thank you for your time.", "")
+    worst = BEST.replace(" Thank you.", "")
     assert oracle.reward(PROMPT, worst) == pytest.approx(3.8)
     assert Oracle(temperature=2.0).prob(PROMPT, BEST, worst) == pytest.approx(1 / (1 + math.exp(-0.5)), abs=1e-12)
     # extreme differences neither overflow nor leave [0, 1]
@@ -174,7 +173,7 @@ def test_label_counts_queries_and_matches_prob():
 
 def test_win_rates_on_hand_made_lists():
     o = Oracle()
-    rude = "Dear colleague, I want to share a thought about coffee. Do not bother me again."  # r* = 2.0
+    rude = "Dear sir, A note on coffee. Go away."  # r* = 2.0
     prompts = [PROMPT] * 4
     assert soft_win_rate(o, prompts, [BEST, rude] * 2, [BEST, rude] * 2) == (0.5, 0.0)
     assert hard_win_rate(o, prompts, [BEST, rude] * 2, [BEST, rude] * 2) == (0.5, 0.0)
@@ -213,8 +212,8 @@ def test_corpus_is_fast_and_uses_train_prompts_only(world):
 
 
 def test_malformed_flags_words_outside_the_phrase_book(world):
-    assert not malformed(BEST) and not malformed("") and not malformed("Hello there! It is warm")
-    assert malformed("Dear colleage, I want to share a thought about coffee.")
+    assert not malformed(BEST) and not malformed("") and not malformed("Hey there! It is warm")
+    assert malformed("Dear sri, A note on coffee.")
     assert malformed("It is lovelyy.") and malformed("caf\u00e9")
 
 
@@ -222,9 +221,9 @@ def test_corpus_statistics(corpus):
     # pi0's data: low mean, wide spread, the maximum rare but present, some responses long enough to be cut
     r = np.array([oracle.reward(x, a) for x, a in corpus])
     at_max = float(np.mean(r == REWARD_MAX))
-    long = float(np.mean([len(a) > 160 for _, a in corpus]))
+    long = float(np.mean([len(a) > 96 for _, a in corpus]))
     p10, p90 = np.percentile(r, [10, 90])
-    print(f"\nr* mean {r.mean():.2f} p10 {p10:.2f} p90 {p90:.2f} at max {at_max:.2%} over 160 chars {long:.2%}")
+    print(f"\nr* mean {r.mean():.2f} p10 {p10:.2f} p90 {p90:.2f} at max {at_max:.2%} over 96 chars {long:.2%}")
     assert r.mean() < REWARD_MAX - 3
     assert 0 < at_max < 0.05
     assert p90 - p10 > 3
