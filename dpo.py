@@ -107,7 +107,7 @@ def ipo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
 def train_dpo(policy, pairs, beta: float = 0.1, steps: int = 100, lr: float = 5e-5, batch_size: int = 16,
               label_smoothing: float = 0.0, loss: str = "dpo", reference=None, reference_logps=None,
               seed: int = 0, device="cpu", warmup: int = 0, weight_decay: float = 0.0, grad_clip: float = 1.0,
-              ref_batch_size: int = 32) -> list[dict]:
+              ref_batch_size: int = 32, nll_weight: float = 0.0) -> list[dict]:
     """Fit `policy` (in place, on `device`) to `pairs`, a list of (prompt, chosen, rejected) token lists; responses
     end with their stop token when they stopped. Returns one stats dict per step (see `train.fit`).
 
@@ -116,7 +116,9 @@ def train_dpo(policy, pairs, beta: float = 0.1, steps: int = 100, lr: float = 5e
       LoRA policy's adapters switched off);
     - else by `reference` if given (a different model, e.g. pi0 while continuing from the previous iterate);
     - else by `policy` itself, before any update.
-    loss: "dpo" (with `label_smoothing` > 0 it is cDPO) or "ipo"."""
+    loss: "dpo" (with `label_smoothing` > 0 it is cDPO) or "ipo". nll_weight > 0 adds that times the chosen
+    responses' per-token negative log-likelihood (RPO, Pang et al. 2024): it anchors the chosen log-probs, which
+    plain DPO lets fall together with the rejected ones, moving mass into malformed text."""
     if loss not in ("dpo", "ipo"):
         raise ValueError(f"unknown loss {loss!r}; choose 'dpo' or 'ipo'")
     if loss == "ipo" and label_smoothing:
@@ -148,13 +150,17 @@ def train_dpo(policy, pairs, beta: float = 0.1, steps: int = 100, lr: float = 5e
         else:
             losses, chosen_rewards, rejected_rewards = dpo_loss(
                 policy_chosen, policy_rejected, ref_c, ref_r, beta, label_smoothing)
+        loss_value = losses.mean()
+        if nll_weight:
+            chosen_tokens = response_mask[:B, 1:].sum(-1).clamp(min=1)                # [B] targets per row
+            loss_value = loss_value + nll_weight * (-policy_chosen / chosen_tokens).mean()
         stats = {
             "accuracy": (chosen_rewards > rejected_rewards).float().mean().item(),
             "margin": (chosen_rewards - rejected_rewards).mean().item(),
             "chosen_logps": policy_chosen.mean().item(),    # both may fall during DPO: watch them
             "rejected_logps": policy_rejected.mean().item(),
         }
-        return losses.mean(), stats
+        return loss_value, stats
 
     batches = shuffled_batches(len(pairs), batch_size, seed)
     return fit(policy, loss_fn, batches, steps, lr, warmup, weight_decay, grad_clip, desc=loss, device=device)

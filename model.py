@@ -111,6 +111,11 @@ class KVCache:
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.length = 0  # positions filled so far (the same for every row; padding is in the mask)
 
+    def select(self, keep: torch.Tensor):
+        """Keep only the rows where `keep` [B] is True (rows that finished sampling leave the batch)."""
+        self.keys = [k[keep] for k in self.keys]
+        self.values = [v[keep] for v in self.values]
+
 
 class Attention(nn.Module):
     def __init__(self, config: GPTConfig):
@@ -276,23 +281,29 @@ class GPT(nn.Module):
         mask[:, longest:] = True  # generated tokens are always real
         cache = KVCache(self.config, B, longest + max_new_tokens, device, self.output.weight.dtype)
         stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
+        rows = torch.arange(B, device=device)            # the prompt each row of the (shrinking) batch belongs to
         done = torch.zeros(B, dtype=torch.bool, device=device)
-        new_tokens, new_logps = [], []
+        new_tokens = torch.full((B, max_new_tokens), -1, dtype=torch.long, device=device)
+        new_logps = torch.zeros(B, max_new_tokens, device=device)
         logits = self(tokens, mask[:, :longest], cache)[:, -1]                       # [B, V]
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
             next_token = sample_token(logits, temperature, top_k, generator)           # [B]
-            new_tokens.append(next_token)
-            new_logps.append(F.log_softmax(logits, -1).gather(1, next_token[:, None])[:, 0])
+            new_tokens[rows, step] = next_token
+            new_logps[rows, step] = F.log_softmax(logits.float(), -1).gather(1, next_token[:, None])[:, 0]
             done |= torch.isin(next_token, stop)
-            if done.all():
+            if done.all() or step == max_new_tokens - 1:
                 break
+            if done.float().mean() > 0.25:  # drop finished rows from the batch and the cache: they cost compute
+                keep = ~done
+                rows, next_token, mask, done = rows[keep], next_token[keep], mask[keep], done[keep]
+                cache.select(keep)
             logits = self(next_token[:, None], mask[:, :cache.length + 1], cache)[:, -1]
-        new_tokens = torch.stack(new_tokens, 1).tolist()                               # [B, N]
-        new_logps = torch.stack(new_logps, 1).tolist()
         responses, logps = [], []
-        for row_tokens, row_logps in zip(new_tokens, new_logps):
-            end = next((i + 1 for i, t in enumerate(row_tokens) if t in stop_ids), len(row_tokens))
-            responses.append(row_tokens[:end])  # nothing after a stop id counts
+        for row_tokens, row_logps in zip(new_tokens.tolist(), new_logps.tolist()):
+            # a row ends at its first stop id (included); nothing after it counts
+            end = next((i + 1 for i, t in enumerate(row_tokens) if t in stop_ids or t < 0), len(row_tokens))
+            end -= 1 if row_tokens[end - 1] < 0 else 0
+            responses.append(row_tokens[:end])
             logps.append(row_logps[:end])
         return (responses, logps) if return_logps else responses
 

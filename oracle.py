@@ -16,7 +16,8 @@ r* is the sum of named parts (`reward_parts` returns them), each bounded:
 | concision  | -0.02 per character past 80 (stripped text), at most -2.0                         | -2.0 |  0.0 |
 | repetition | -0.5 per sentence that repeats an earlier one, at most -2.0                       | -2.0 |  0.0 |
 | finished   | +0.5 if the stripped text ends in . ! or ?, else -1.0 (cut off by a token cap)    | -1.0 | +0.5 |
-| total      |                                                                                   | -8.0 | +4.8 |
+| spelling   | -0.5 per word outside the world's phrase book (a misspelling), at most -1.5        | -1.5 |  0.0 |
+| total      |                                                                                   | -9.5 | +4.8 |
 
 Word matches are case-insensitive and on word boundaries. The detail part is what a learned proxy can over-learn:
 more details look good until length and repetition cost more than they add.
@@ -50,8 +51,8 @@ CLOSING = "Regards."
 
 # (min, max) of each part; the totals are their sums (same order as reward_parts, so floats compare exactly).
 PART_BOUNDS = {"topic": (-1.5, 1.5), "tone": (-0.5, 1.0), "politeness": (-1.0, 1.0), "detail": (0.0, 0.8),
-               "concision": (-2.0, 0.0), "repetition": (-2.0, 0.0), "finished": (-1.0, 0.5)}
-REWARD_MIN = round(sum(lo for lo, _ in PART_BOUNDS.values()), 6)  # -8.0
+               "concision": (-2.0, 0.0), "repetition": (-2.0, 0.0), "finished": (-1.0, 0.5), "spelling": (-1.5, 0.0)}
+REWARD_MIN = round(sum(lo for lo, _ in PART_BOUNDS.values()), 6)  # -9.5
 REWARD_MAX = round(sum(hi for _, hi in PART_BOUNDS.values()), 6)  # 4.8
 MAX_CHARS = 80  # concision starts to cost past this many characters
 
@@ -112,6 +113,8 @@ def reward_parts(prompt: str, response: str) -> dict[str, float]:
     sentences = [" ".join(s.split()) for s in _SENTENCE_END_RE.split(low) if s.strip()]
     parts["repetition"] = 0.0 - min(2.0, 0.5 * (len(sentences) - len(set(sentences))))
     parts["finished"] = 0.5 if text.endswith((".", "!", "?")) else -1.0
+    # without this part a garbled topic word (scored 0) would beat a wrong one (-0.5): misspelling would pay
+    parts["spelling"] = 0.0 - min(1.5, 0.5 * len(unknown_words(text)))
     return {k: round(v, 6) for k, v in parts.items()}  # round away float dust (0.06000000000000001)
 
 
@@ -120,10 +123,16 @@ def reward(prompt: str, response: str) -> float:
     return round(sum(reward_parts(prompt, response).values()), 6)
 
 
+def unknown_words(text: str) -> list[str]:
+    """The words of `text` outside the world's phrase book (misspellings), punctuation stripped."""
+    words = (w.strip(_PUNCT).lower() for w in text.split())
+    return [w for w in words if w and w not in KNOWN_WORDS]
+
+
 def malformed(response: str) -> bool:
     """True when the response holds a word outside the world's phrase book (e.g. a misspelling)."""
     _check_str("response", response)
-    return any(w.strip(_PUNCT).lower() not in KNOWN_WORDS for w in response.split() if w.strip(_PUNCT))
+    return bool(unknown_words(response))
 
 
 class World:

@@ -39,10 +39,19 @@ class RewardModel(nn.Module):
     `backbone` is a GPT the reward model owns and trains (pass a deep copy of pi0: the paper initialises the
     reward model from the SFT model). Its output matrix is unused."""
 
-    def __init__(self, backbone):
+    def __init__(self, backbone, trainable_layers: int | None = None):
         super().__init__()
         self.backbone = backbone
         self.head = nn.Linear(backbone.config.dim, 1)
+        if trainable_layers is not None:
+            # fine-tune only the top blocks (and the final norm): the backward pass stops there, which makes
+            # refitting the reward model every iteration affordable on a CPU
+            for param in backbone.parameters():
+                param.requires_grad_(False)
+            top = list(backbone.layers)[len(backbone.layers) - trainable_layers:] if trainable_layers else []
+            for module in [*top, backbone.norm]:
+                for param in module.parameters():
+                    param.requires_grad_(True)
         # a zero head starts every reward at exactly 0 (first loss log 2, all ties); the backbone gets gradient
         # from the second step on, once the head has moved
         nn.init.zeros_(self.head.weight)

@@ -71,6 +71,6 @@ def fit(model, loss_fn, batches, steps: int, lr: float, warmup: int = 0, weight_
         torch.nn.utils.clip_grad_norm_(params, grad_clip)
         optimizer.step()
         history.append({"loss": loss.item(), **stats})
-        progress.set_postfix(loss=f"{history[-1]['loss']:.3f}")
+        progress.set_postfix(loss=f"{history[-1]['loss']:.3f}", refresh=False)
     model.eval()
     return history

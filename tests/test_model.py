@@ -122,3 +122,16 @@ def test_rope_scaling_keeps_high_and_divides_low_frequencies():
     torch.testing.assert_close(scaled[low], plain[low] / 8)
     middle = ~high & ~low
     assert torch.all(scaled[middle] < plain[middle]) and torch.all(scaled[middle] > plain[middle] / 8)
+
+
+def test_rows_leaving_the_batch_keep_everything_exact(model):
+    # with a stop id that ends some rows early, finished rows leave the batch (and the cache) mid-sampling; every
+    # row must still equal one-prompt-at-a-time uncached greedy decoding cut at its first stop id
+    prompts = [[i, i + 1, i + 2][: 1 + i % 3] for i in range(20, 36)]
+    free = [uncached_greedy(model, p, 12) for p in prompts]
+    stop_ids = {row[2] for row in free[:8]}  # at least 8 rows stop by their third token
+    batched = model.generate(prompts, 12, temperature=0, stop_ids=stop_ids)
+    assert sum(len(row) < 12 for row in batched) >= 8
+    for row, reference in zip(batched, free):
+        first_stop = next((i for i, t in enumerate(reference) if t in stop_ids), None)
+        assert row == (reference if first_stop is None else reference[:first_stop + 1])

@@ -50,30 +50,37 @@ def garbage_strings(n, seed):
 
 @pytest.mark.parametrize("response, expected", [
     # the optimum: every part at its maximum, 75 characters
-    (BEST, dict(topic=1.5, tone=1.0, politeness=1.0, detail=0.8, concision=0.0, repetition=0.0, finished=0.5)),
+    (BEST, dict(topic=1.5, tone=1.0, politeness=1.0, detail=0.8, concision=0.0, repetition=0.0, finished=0.5, spelling=0.0)),
     # off topic: pizza instead of coffee -> topic -0.5 (4.8 - 2.0 = 2.8)
     (BEST.replace("coffee", "pizza"),
-     dict(topic=-0.5, tone=1.0, politeness=1.0, detail=0.8, concision=0.0, repetition=0.0, finished=0.5)),
+     dict(topic=-0.5, tone=1.0, politeness=1.0, detail=0.8, concision=0.0, repetition=0.0, finished=0.5, spelling=0.0)),
     # the friendly greeting on a formal prompt -> tone -0.5
     ("Hi pal, A note on coffee. Thank you.",
-     dict(topic=1.5, tone=-0.5, politeness=1.0, detail=0.0, concision=0.0, repetition=0.0, finished=0.5)),
+     dict(topic=1.5, tone=-0.5, politeness=1.0, detail=0.0, concision=0.0, repetition=0.0, finished=0.5, spelling=0.0)),
     # rude
     ("Dear sir, A note on coffee. Go away.",
-     dict(topic=1.5, tone=1.0, politeness=-1.0, detail=0.0, concision=0.0, repetition=0.0, finished=0.5)),
+     dict(topic=1.5, tone=1.0, politeness=-1.0, detail=0.0, concision=0.0, repetition=0.0, finished=0.5, spelling=0.0)),
     # 27 + 10 * 12 = 147 chars: concision -0.02 * 67 = -1.34; 9 repeats * -0.5 = -4.5 -> floor -2.0
     ("Dear sir, A note on coffee." + " It is warm." * 10,
-     dict(topic=1.5, tone=1.0, politeness=0.0, detail=0.4, concision=-1.34, repetition=-2.0, finished=0.5)),
+     dict(topic=1.5, tone=1.0, politeness=0.0, detail=0.4, concision=-1.34, repetition=-2.0, finished=0.5, spelling=0.0)),
     # 27 + 15 * 12 = 207 chars: concision -0.02 * 127 = -2.54 -> floor -2.0; repetition floor -2.0
     ("Dear sir, A note on coffee." + " It is warm." * 15,
-     dict(topic=1.5, tone=1.0, politeness=0.0, detail=0.4, concision=-2.0, repetition=-2.0, finished=0.5)),
+     dict(topic=1.5, tone=1.0, politeness=0.0, detail=0.4, concision=-2.0, repetition=-2.0, finished=0.5, spelling=0.0)),
     # cut off: no terminal punctuation -> finished -1.0; "It is warm" without its full stop is no detail
     ("Dear sir, A note on coffee. It is warm",
-     dict(topic=1.5, tone=1.0, politeness=0.0, detail=0.0, concision=0.0, repetition=0.0, finished=-1.0)),
+     dict(topic=1.5, tone=1.0, politeness=0.0, detail=0.0, concision=0.0, repetition=0.0, finished=-1.0, spelling=0.0)),
     # four other topics: -0.5 * 4 = -2.0 -> floor -1.5
+    # ("and" is not in the phrase book: spelling -0.5)
     ("Cats, dogs, birds and tennis.",
-     dict(topic=-1.5, tone=0.0, politeness=0.0, detail=0.0, concision=0.0, repetition=0.0, finished=0.5)),
+     dict(topic=-1.5, tone=0.0, politeness=0.0, detail=0.0, concision=0.0, repetition=0.0, finished=0.5, spelling=-0.5)),
+    # a garbled topic word earns no topic credit and costs spelling -0.5: no better than a wrong topic
+    ("Dear sir, A note on cofee. Thank you.",
+     dict(topic=0.0, tone=1.0, politeness=1.0, detail=0.0, concision=0.0, repetition=0.0, finished=0.5, spelling=-0.5)),
+    # four unknown words: -2.0 -> floor -1.5
+    ("Dear sir, qq ww ee rr.",
+     dict(topic=0.0, tone=1.0, politeness=0.0, detail=0.0, concision=0.0, repetition=0.0, finished=0.5, spelling=-1.5)),
     # the empty response is unfinished and nothing else
-    ("", dict(topic=0.0, tone=0.0, politeness=0.0, detail=0.0, concision=0.0, repetition=0.0, finished=-1.0)),
+    ("", dict(topic=0.0, tone=0.0, politeness=0.0, detail=0.0, concision=0.0, repetition=0.0, finished=-1.0, spelling=0.0)),
 ])
 def test_reward_parts_match_hand_computed(response, expected):
     parts = oracle.reward_parts(PROMPT, response)
@@ -82,7 +89,7 @@ def test_reward_parts_match_hand_computed(response, expected):
 
 
 def test_best_response_reaches_documented_maximum(world):
-    assert REWARD_MAX == 4.8 and REWARD_MIN == -8.0
+    assert REWARD_MAX == 4.8 and REWARD_MIN == -9.5
     assert oracle.reward(PROMPT, BEST) == REWARD_MAX
     for prompt in world.prompts:
         best = world.best_response(prompt)
@@ -90,8 +97,8 @@ def test_best_response_reaches_documented_maximum(world):
 
 
 def test_prompt_outside_the_world_is_parsed_from_its_text():
-    # topic jazz found, no tone word: tone scores 0 whatever the greeting
-    assert oracle.reward("Tell me about jazz", "Hey there! Jazz is fun.") == pytest.approx(1.5 + 0.5)
+    # topic jazz found, no tone word: tone scores 0 whatever the greeting; "fun" is not in the phrase book
+    assert oracle.reward("Tell me about jazz", "Hey there! Jazz is fun.") == pytest.approx(1.5 + 0.5 - 0.5)
     assert oracle.reward("", "") == -1.0
 
 

@@ -1,0 +1,113 @@
+"""
+Speed and headroom numbers for the CPU default, printed (timings live here, never in tests).
+
+1. training tokens/s of the `tiny` preset;
+2. sampling tokens/s at 64 new tokens with the KV cache and without it (every token re-runs the whole sequence);
+3. SFT wall time at iterate.py's defaults, and pi0's gold-reward distribution on held-out prompts: mean, 10th and
+   90th percentile, the share that finish with the end token, the share of distinct responses, and the best gold
+   reward among 64 samples per prompt (the headroom above pi0).
+
+    python bench.py                       # trains pi0 with iterate.py's defaults (about a minute on 2 cores)
+    python bench.py --pi0 runs/default/pi0.pt   # or measures a cached pi0
+"""
+import argparse
+import time
+
+import numpy as np
+import torch
+
+import iterate
+from model import GPT, GPTConfig
+from oracle import Oracle, World
+from tokenizer import Tokenizer
+
+
+def training_speed(config, batch=16, length=128, steps=10):
+    model = GPT(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    tokens = torch.randint(0, config.vocab_size, (batch, length))
+    for step in range(steps + 2):
+        if step == 2:  # two warm-up steps
+            start = time.time()
+        logits = model(tokens[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return steps * batch * (length - 1) / (time.time() - start)
+
+
+@torch.no_grad()
+def uncached_sample(model, prompts, max_new_tokens, generator):
+    """The reference sampler: equal-length prompts, the whole sequence through forward for every new token."""
+    tokens = torch.tensor(prompts)
+    for _ in range(max_new_tokens):
+        probs = torch.softmax(model(tokens)[:, -1], -1)
+        tokens = torch.cat([tokens, torch.multinomial(probs, 1, generator=generator)], 1)
+    return tokens[:, len(prompts[0]):]
+
+
+def sampling_speed(model, batch=32, prompt_length=48, new_tokens=64):
+    prompts = torch.randint(0, 256, (batch, prompt_length)).tolist()
+    start = time.time()
+    model.generate(prompts, new_tokens, generator=torch.Generator().manual_seed(0))
+    cached = batch * new_tokens / (time.time() - start)
+    start = time.time()
+    uncached_sample(model, prompts, new_tokens, torch.Generator().manual_seed(0))
+    return cached, batch * new_tokens / (time.time() - start)
+
+
+def pi0_statistics(pi0, tokenizer, world, args, n_prompts=256, best_of=64, best_prompts=64):
+    oracle = Oracle()
+    run_args = iterate.parse_args([])
+    run_args.stop_ids = tokenizer.stop_ids
+    prompts = world.eval_prompts[:n_prompts]
+    prompt_tokens = [iterate.encode_prompt(tokenizer, p) for p in prompts]
+    generator = torch.Generator().manual_seed(0)
+    responses = iterate.sample(pi0, prompt_tokens, 1.0, run_args, generator)
+    texts = [iterate.decode_response(tokenizer, r) for r in responses]
+    rewards = np.array([oracle.reward(p, t) for p, t in zip(prompts, texts)])
+    print(f"pi0 on {n_prompts} held-out prompts (temperature 1.0): gold reward mean {rewards.mean():+.2f}, "
+          f"p10 {np.percentile(rewards, 10):+.2f}, p90 {np.percentile(rewards, 90):+.2f}; finished with the end "
+          f"token {np.mean([r[-1] in tokenizer.stop_ids for r in responses]):.2f}; distinct "
+          f"{len(set(texts)) / len(texts):.2f}")
+    start = time.time()
+    best = []
+    for prompt, tokens in zip(prompts[:best_prompts], prompt_tokens[:best_prompts]):
+        samples = iterate.sample(pi0, [tokens] * best_of, 1.0, run_args, generator)
+        best.append(max(oracle.reward(prompt, iterate.decode_response(tokenizer, s)) for s in samples))
+    print(f"best of {best_of} samples per prompt ({best_prompts} prompts): mean {np.mean(best):+.2f}, "
+          f"share at the maximum {np.mean(np.isclose(best, max(best))):.2f} ({time.time() - start:.0f} s)")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pi0", default=None, help="a cached pi0.pt to measure instead of training one")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    tokenizer, world = Tokenizer(), World(seed=0)
+    config = GPTConfig.preset("tiny", vocab_size=tokenizer.n_vocab)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; tiny preset "
+          f"{GPT(config).num_params() / 1e6:.2f} M parameters")
+    print(f"training: {training_speed(config):,.0f} tokens/s (batch 16 x 127)")
+    model = GPT(config).eval()
+    cached, uncached = sampling_speed(model)
+    print(f"sampling 64 new tokens, batch 32, prompt 48: {cached:,.0f} tokens/s with the KV cache, "
+          f"{uncached:,.0f} without ({cached / uncached:.1f}x)")
+    if args.pi0:
+        saved = torch.load(args.pi0, weights_only=True)
+        pi0 = GPT(GPTConfig(**saved["config"]))
+        pi0.load_state_dict(saved["model"])
+    else:
+        run_args = iterate.parse_args([])
+        pi0 = GPT(config)
+        corpus = iterate.sft_corpus_tokens(world, tokenizer, run_args)
+        start = time.time()
+        loss = iterate.train_sft(pi0, corpus, run_args, "cpu")
+        print(f"SFT at iterate.py's defaults: {run_args.sft_steps} steps in {time.time() - start:.1f} s "
+              f"(final loss {loss:.3f})")
+    pi0_statistics(pi0.eval(), tokenizer, world, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,516 @@
+"""
+Online iterative RLHF, end to end: SFT pi0, a Bradley-Terry reward model, then T iterations of the main agent /
+enhancer loop of "RLHF Workflow" (Dong et al. 2024, Algorithm 2) and "Iterative Preference Learning from Human
+Feedback" (Xiong et al. 2024, Algorithm 1), labelled by the synthetic oracle of oracle.py.
+
+    pi0    = SFT on the world's corpus                               (cached in the run folder)
+    r_hat  = Bradley-Terry reward model on L0 oracle-labelled pairs of pi0 samples
+    for t in 1..T:
+        n samples per prompt from pi_{t-1} (half at temperature 1.0, half at 0.7)
+        main agent = the sample r_hat ranks best (exploit); enhancer = the pair's other side (explore):
+            best-worst : r_hat's worst sample                     (Algorithm 2)
+            uncertainty: the sample farthest from the main one in ||phi(a1) - phi(a2)||_{Sigma^-1} (Algorithm 1)
+            random     : two samples, no ranking                  (plain online DPO)
+            offline    : the same pairs drawn from pi0 up front   (the baseline)
+        label the pairs with the oracle (or with r_hat: --labeler rm), DPO from pi_{t-1} with reference pi0,
+        refit r_hat on all oracle labels so far, evaluate on held-out prompts.
+
+Simplified on purpose: the reward model is refit by continuing from its previous weights on all labels so far
+(not re-initialised from pi0), and the enhancer searches among the n samples rather than training a second policy.
+
+    python iterate.py                 # the default synthetic world on the CPU, a few minutes
+    python iterate.py --help
+"""
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import dpo
+import reward
+from model import GPT, GPTConfig
+from oracle import Oracle, World, hard_win_rate, malformed, soft_win_rate
+from tokenizer import Tokenizer
+from train import collate, fit, shuffled_batches
+
+PAIR_RULES = ("best-worst", "random", "uncertainty", "offline")
+LABELERS = ("oracle", "rm")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    run = parser.add_argument_group("run")
+    run.add_argument("--out", default="runs/default", help="run folder: metrics.jsonl, curves.png, samples.txt")
+    run.add_argument("--cache", default=None, help="folder for pi0 and the first reward model (default: --out); "
+                                                   "arms that share it share pi0")
+    run.add_argument("--seed", type=int, default=0, help="seeds the world, the models and the oracle")
+    run.add_argument("--device", default="auto", help="auto picks cuda, then mps, then cpu")
+    run.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    world = parser.add_argument_group("world and pi0 (SFT)")
+    world.add_argument("--preset", default="tiny", help="model size: tiny (CPU) or small (GPU)")
+    world.add_argument("--sft-examples", type=int, default=20000, help="prompt/response pairs in the SFT corpus")
+    world.add_argument("--sft-steps", type=int, default=300, help="SFT optimiser steps (steps, not seconds: a "
+                                                                  "seed reproduces pi0)")
+    world.add_argument("--sft-batch", type=int, default=16, help="SFT batch size")
+    world.add_argument("--sft-lr", type=float, default=4e-3, help="SFT peak learning rate")
+    world.add_argument("--max-new-tokens", type=int, default=96, help="cap on sampled response tokens")
+    rm = parser.add_argument_group("reward model")
+    rm.add_argument("--rm-labels", type=int, default=1024, help="oracle-labelled pi0 pairs for the first reward "
+                                                                "model (L0; counted in labels spent)")
+    rm.add_argument("--rm-steps", type=int, default=100, help="reward-model steps per fit")
+    rm.add_argument("--rm-refit-steps", type=int, default=40, help="steps of each per-iteration refit (continues "
+                                                                    "from the previous reward model)")
+    rm.add_argument("--rm-batch", type=int, default=32, help="reward-model batch size (pairs)")
+    rm.add_argument("--rm-trainable-layers", type=int, default=2, help="top blocks of the pi0 backbone the "
+                                                                          "reward model fine-tunes (-1: all)")
+    rm.add_argument("--rm-lr", type=float, default=1e-3, help="reward-model peak learning rate")
+    online = parser.add_argument_group("online loop")
+    online.add_argument("--iterations", type=int, default=3, help="T, the number of online iterations")
+    online.add_argument("--prompts-per-iter", type=int, default=256, help="m, prompts (so at most m pairs) per "
+                                                                         "iteration")
+    online.add_argument("--n", type=int, default=8, help="samples per prompt (half at temperature 1.0, half 0.7)")
+    online.add_argument("--pairs", default="best-worst", help=f"exploration rule: {', '.join(PAIR_RULES)}")
+    online.add_argument("--labeler", default="oracle", help="who labels the pairs: oracle (queries counted) or rm "
+                                                            "(the reward model, the paper's practice)")
+    online.add_argument("--uncertainty-lambda", type=float, default=1.0, help="lambda of Sigma = lambda*I + sum "
+                                                                              "of pair feature outer products")
+    online.add_argument("--restart", action="store_true", help="each iteration trains from pi0 on all pairs so "
+                                                                "far (default: from the previous iterate on the "
+                                                                "new pairs)")
+    online.add_argument("--reference", default="pi0", choices=("pi0", "previous"), help="DPO reference policy")
+    d = parser.add_argument_group("DPO")
+    d.add_argument("--loss", default="dpo", choices=("dpo", "ipo"), help="preference loss")
+    d.add_argument("--beta", type=float, default=0.1, help="KL weight beta (eta in the papers)")
+    d.add_argument("--label-smoothing", type=float, default=0.0, help="conservative DPO's label noise epsilon")
+    d.add_argument("--nll-weight", type=float, default=0.0, help="weight of the chosen responses' per-token NLL "
+                                                                 "added to the loss (RPO); 0 is plain DPO")
+    d.add_argument("--dpo-epochs", type=float, default=2.0, help="passes over each iteration's pairs")
+    d.add_argument("--dpo-batch", type=int, default=16, help="pairs per DPO step")
+    d.add_argument("--dpo-lr", type=float, default=2e-4, help="DPO peak learning rate")
+    ev = parser.add_argument_group("evaluation")
+    ev.add_argument("--eval-prompts", type=int, default=512, help="held-out prompts for win-rate and KL")
+    ev.add_argument("--show", type=int, default=4, help="sample responses written per iteration")
+    args = parser.parse_args(argv)
+    if args.pairs not in PAIR_RULES:
+        parser.error(f"--pairs: unknown rule {args.pairs!r}; choose one of {', '.join(PAIR_RULES)}")
+    if args.labeler not in LABELERS:
+        parser.error(f"--labeler: unknown labeler {args.labeler!r}; choose one of {', '.join(LABELERS)}")
+    if args.n < 2:
+        parser.error(f"--n must be at least 2 to form a pair, got {args.n}")
+    return args
+
+
+def pick_device(name: str) -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# text <-> tokens
+
+def encode_prompt(tokenizer: Tokenizer, prompt: str) -> list[int]:
+    return tokenizer.encode(prompt + "\n", bos=True)
+
+
+def decode_response(tokenizer: Tokenizer, response: list[int]) -> str:
+    """The text the oracle judges: the stop token is not text, so a stopped and a truncated response differ only
+    in how the text ends (the oracle's `finished` part)."""
+    return tokenizer.decode([t for t in response if t not in tokenizer.stop_ids])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SFT: pi0
+
+def sft_loss(model, tokens, mask, response_mask):
+    """Next-token cross-entropy on response tokens only; the prompt is context."""
+    logits = model(tokens, mask)[:, :-1]                  # [B, T-1, V] predicts tokens[:, 1:]
+    targets, counted = tokens[:, 1:], response_mask[:, 1:]
+    return F.cross_entropy(logits[counted], targets[counted])
+
+
+def sft_corpus_tokens(world, tokenizer, args):
+    """The world's SFT corpus as (prompt tokens, response tokens + end token) pairs; a rambling response is cut
+    where sampling would cut it."""
+    return [(encode_prompt(tokenizer, prompt), tokenizer.encode(response, eos=True)[:args.max_new_tokens])
+            for prompt, response in world.sft_corpus(args.sft_examples, seed=args.seed)]
+
+
+def train_sft(model, corpus, args, device):
+    prompts, responses = zip(*corpus)
+    batches = (collate([prompts[i] for i in idx], [responses[i] for i in idx], device)
+               for idx in shuffled_batches(len(corpus), args.sft_batch, args.seed))
+    history = fit(model, lambda batch: (sft_loss(model, *batch), {}), batches, args.sft_steps, args.sft_lr,
+                  warmup=args.sft_steps // 20, weight_decay=0.1, desc="SFT pi0", device=device)
+    return history[-1]["loss"]
+
+
+def save_model(model, path, key):
+    torch.save({"key": key, "config": asdict(model.config), "model": model.state_dict()}, path)
+
+
+def load_cached(path, key, what):
+    """A cached model if its settings match `key`; None (with a logged reason) otherwise."""
+    if not os.path.exists(path):
+        return None
+    saved = torch.load(path, weights_only=True, map_location="cpu")
+    if saved.get("key") != key:
+        print(f"{path}: cached {what} was built with other settings; rebuilding it "
+              f"(cached {saved.get('key')}, wanted {key})")
+        return None
+    print(f"{path}: reusing the cached {what}")
+    return saved
+
+
+def pi0_key(args) -> dict:
+    """The settings pi0 depends on: a cached pi0 is reused only when all of them match."""
+    return {k: getattr(args, k) for k in ("seed", "preset", "sft_examples", "sft_steps", "sft_batch", "sft_lr",
+                                          "max_new_tokens")}
+
+
+def make_pi0(world, tokenizer, args, device, cache_dir):
+    key = pi0_key(args)
+    path = os.path.join(cache_dir, "pi0.pt")
+    torch.manual_seed(args.seed)
+    saved = load_cached(path, key, "pi0")
+    config = GPTConfig.preset(args.preset, vocab_size=tokenizer.n_vocab)
+    model = GPT(config if saved is None else GPTConfig(**saved["config"])).to(device)
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        return model.eval()
+    corpus = sft_corpus_tokens(world, tokenizer, args)
+    start = time.time()
+    loss = train_sft(model, corpus, args, device)
+    print(f"SFT: {args.sft_steps} steps in {time.time() - start:.1f} s, final loss {loss:.3f}")
+    save_model(model, path, key)
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sampling, ranking and pairing
+
+def sample(policy, prompt_tokens, temperature, args, generator, chunk=1024):
+    """One response per prompt (token lists, a stopped one ends with its stop id), in chunks to bound memory."""
+    responses = []
+    for start in range(0, len(prompt_tokens), chunk):
+        responses += policy.generate(prompt_tokens[start:start + chunk], args.max_new_tokens, temperature,
+                                     stop_ids=args.stop_ids, generator=generator)
+    return responses
+
+
+def sample_candidates(policy, prompt_tokens, args, generator):
+    """n responses per prompt, half at temperature 1.0 and half at 0.7 (Algorithm 2): a list [P][n]."""
+    candidates = [[] for _ in prompt_tokens]
+    for k in tqdm(range(args.n), desc="sampling", leave=False):
+        temperature = 1.0 if k < (args.n + 1) // 2 else 0.7
+        for row, response in enumerate(sample(policy, prompt_tokens, temperature, args, generator)):
+            candidates[row].append(response)
+    return candidates
+
+
+def best_worst_pairs(scores, texts):
+    """Main = the best-ranked sample, enhancer = the worst; pairs whose two sides tie (same text or score) are
+    dropped. scores: Tensor [P, n]; texts: [P][n]. Returns (prompt, main, enhancer) index triples."""
+    best, worst = scores.argmax(1), scores.argmin(1)
+    return [(p, int(best[p]), int(worst[p])) for p in range(len(texts))
+            if scores[p, best[p]] > scores[p, worst[p]] and texts[p][best[p]] != texts[p][worst[p]]]
+
+
+def random_pairs(texts, rng):
+    """Two distinct samples per prompt, no ranking: plain online DPO. Identical texts are dropped."""
+    triples = []
+    for p, row in enumerate(texts):
+        i, j = rng.sample(range(len(row)), 2)
+        if row[i] != row[j]:
+            triples.append((p, i, j))
+    return triples
+
+
+def uncertainty_pairs(scores, features, texts, sigma):
+    """The theory's enhancer (Algorithm 1): main = the reward model's best sample (exploit); enhancer = the sample
+    that maximises the uncertainty of the pair, ||phi(main) - phi(a)||_{Sigma^-1} (explore), with
+    Sigma = lambda*I + sum over labelled pairs of (phi_w - phi_l)(phi_w - phi_l)^T.
+    scores: [P, n]; features: [P, n, C]; sigma: [C, C]."""
+    best = scores.argmax(1)                                                       # [P]
+    diff = features[torch.arange(len(texts)), best][:, None, :] - features        # [P, n, C]
+    uncertainty = torch.einsum("pnc,cd,pnd->pn", diff, torch.linalg.inv(sigma), diff)  # squared norms [P, n]
+    enhancer = uncertainty.argmax(1)
+    return [(p, int(best[p]), int(enhancer[p])) for p in range(len(texts))
+            if uncertainty[p, enhancer[p]] > 0 and texts[p][best[p]] != texts[p][enhancer[p]]]
+
+
+def feature_covariance(rm, pairs, lam):
+    """Sigma = lambda*I + sum over labelled pairs of d d^T, d = phi(chosen) - phi(rejected), with today's phi."""
+    prompts = [p for p, _, _ in pairs]
+    d = reward.embed(rm, prompts, [c for _, c, _ in pairs]) - reward.embed(rm, prompts, [r for _, _, r in pairs])
+    return lam * torch.eye(d.shape[1]) + d.T @ d                                  # [C, C]
+
+
+def make_pairs(rule, policy_for_samples, rm, prompts, prompt_tokens, labelled, args, tokenizer, generator, rng):
+    """Sample n responses per prompt, rank them with the reward model, pick (main, enhancer) by the rule.
+    Returns (prompt text, prompt tokens, main tokens, main text, enhancer tokens, enhancer text, main score,
+    enhancer score) tuples."""
+    candidates = sample_candidates(policy_for_samples, prompt_tokens, args, generator)
+    texts = [[decode_response(tokenizer, r) for r in row] for row in candidates]
+    flat_prompts = [pt for pt, row in zip(prompt_tokens, candidates) for _ in row]
+    flat_responses = [r for row in candidates for r in row]
+    scores = reward.score(rm, flat_prompts, flat_responses).view(len(prompts), args.n)   # [P, n]
+    if rule == "random":
+        triples = random_pairs(texts, rng)
+    elif rule == "uncertainty":
+        features = reward.embed(rm, flat_prompts, flat_responses).view(len(prompts), args.n, -1)
+        triples = uncertainty_pairs(scores, features, texts, feature_covariance(rm, labelled, args.uncertainty_lambda))
+    else:  # best-worst, and offline, which ranks pi0's samples the same way
+        triples = best_worst_pairs(scores, texts)
+    return [(prompts[p], prompt_tokens[p], candidates[p][i], texts[p][i], candidates[p][j], texts[p][j],
+             float(scores[p, i]), float(scores[p, j])) for p, i, j in triples]
+
+
+def label_pairs(pairs, labeler, oracle, rng):
+    """(prompt tokens, chosen, rejected) triples: the oracle draws y ~ Bernoulli(P(main > enhancer)) (one query
+    each), or the reward model prefers its higher-scored side (no query; ties were dropped already)."""
+    labelled = []
+    for prompt, prompt_tokens, main, main_text, enhancer, enhancer_text, main_score, enhancer_score in pairs:
+        if labeler == "oracle":
+            main_wins = oracle.label(prompt, main_text, enhancer_text, rng)
+        else:
+            main_wins = main_score > enhancer_score
+        labelled.append((prompt_tokens, main, enhancer) if main_wins else (prompt_tokens, enhancer, main))
+    return labelled
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the first reward model, trained on oracle labels of pi0 samples
+
+def make_reward_model(pi0, world, oracle, tokenizer, args, device, cache_dir):
+    """r_hat initialised from pi0 and fit to L0 oracle-labelled pairs of pi0 samples (random pairs on training
+    prompts). Cached with its labelled pairs, which every later refit reuses."""
+    key = {"pi0": pi0_key(args), **{k: getattr(args, k) for k in ("rm_labels", "rm_steps", "rm_batch", "rm_lr", "rm_trainable_layers",
+                                                             "max_new_tokens")}}
+    path = os.path.join(cache_dir, "rm0.pt")
+    rm = reward.RewardModel(copy.deepcopy(pi0), None if args.rm_trainable_layers < 0 else args.rm_trainable_layers).to(device)
+    saved = load_cached(path, key, "first reward model")
+    if saved is not None:
+        rm.load_state_dict(saved["model"])
+        oracle.queries += saved["queries"]
+        return rm.eval(), saved["pairs"]
+    rng = random.Random(args.seed + 1)
+    prompts = [rng.choice(world.train_prompts) for _ in range(args.rm_labels)]
+    prompt_tokens = [encode_prompt(tokenizer, p) for p in prompts]
+    generator = torch.Generator(device=device).manual_seed(args.seed + 1)
+    first, second = (sample(pi0, prompt_tokens, 1.0, args, generator) for _ in range(2))
+    pairs = [(p, pt, a, decode_response(tokenizer, a), b, decode_response(tokenizer, b), 0.0, 0.0)
+             for p, pt, a, b in zip(prompts, prompt_tokens, first, second) if a != b]
+    labelled = label_pairs(pairs, "oracle", oracle, np.random.default_rng(args.seed + 1))
+    fit_reward_model(rm, labelled, args, device, args.rm_steps)
+    torch.save({"key": key, "model": rm.state_dict(), "pairs": labelled, "queries": oracle.queries}, path)
+    return rm.eval(), labelled
+
+
+def fit_reward_model(rm, labelled, args, device, steps):
+    history = reward.train_reward_model(rm, labelled, steps, args.rm_lr, args.rm_batch, args.seed,
+                                        device, weight_decay=0.0, warmup=steps // 10)
+    return float(np.mean([h["accuracy"] for h in history[-20:]]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# evaluation on held-out prompts
+
+def kl_estimate(policy, pi0, prompt_tokens, responses):
+    """KL(pi || pi0) per prompt = sum over response tokens (EOS included, never padding) of log pi - log pi0, on
+    responses sampled from pi at temperature 1.0 with no top-k (any other setting biases it, even negative).
+    Both sides are teacher-forced the same way, so it is exactly 0 when pi is pi0."""
+    return (dpo.response_logps(policy, prompt_tokens, responses)
+            - dpo.response_logps(pi0, prompt_tokens, responses))                    # [P]
+
+
+def evaluate(policy, pi0, rm, evaluation, args, tokenizer, oracle, generator):
+    """One fresh sample of the policy per held-out prompt at temperature 1.0, against pi0's fixed sample."""
+    prompts, prompt_tokens, pi0_texts = evaluation["prompts"], evaluation["prompt_tokens"], evaluation["pi0_texts"]
+    responses = sample(policy, prompt_tokens, 1.0, args, generator)
+    texts = [decode_response(tokenizer, r) for r in responses]
+    kl = kl_estimate(policy, pi0, prompt_tokens, responses)
+    gold = np.array([oracle.reward(p, t) for p, t in zip(prompts, texts)])
+    proxy = reward.score(rm, prompt_tokens, responses)
+    win_rate, win_rate_se = soft_win_rate(oracle, prompts, texts, pi0_texts)
+    # the reward model's held-out accuracy: does it order (policy sample, pi0 sample) as r* does? (r* ties skipped)
+    gold_pi0 = np.array(evaluation["pi0_rewards"])
+    proxy_pi0 = evaluation["pi0_proxy"](rm)
+    decided = gold != gold_pi0
+    agree = (gold > gold_pi0) == (proxy.numpy() > proxy_pi0.numpy())
+    rm_accuracy = float(np.mean(agree[decided])) if decided.any() else None
+    return {
+        "win_rate": win_rate, "win_rate_se": win_rate_se,
+        "hard_win_rate": hard_win_rate(oracle, prompts, texts, pi0_texts)[0],
+        "kl": kl.mean().item(), "kl_se": kl.std().item() / math.sqrt(len(kl)),
+        "reward": float(gold.mean()), "proxy_reward": proxy.mean().item(),
+        "length": float(np.mean([len(r) for r in responses])),
+        "finished": float(np.mean([len(r) > 0 and r[-1] in args.stop_ids for r in responses])),
+        "malformed": float(np.mean([malformed(t) for t in texts])),
+        "rm_accuracy": rm_accuracy,
+    }, texts
+
+
+def make_evaluation(pi0, world, tokenizer, oracle, args, device):
+    """The held-out prompts and pi0's fixed reference sample on each (temperature 1.0)."""
+    prompts = world.eval_prompts[:args.eval_prompts]
+    prompt_tokens = [encode_prompt(tokenizer, p) for p in prompts]
+    generator = torch.Generator(device=device).manual_seed(args.seed + 2)
+    pi0_responses = sample(pi0, prompt_tokens, 1.0, args, generator)
+    pi0_texts = [decode_response(tokenizer, r) for r in pi0_responses]
+    return {"prompts": prompts, "prompt_tokens": prompt_tokens, "pi0_texts": pi0_texts,
+            "pi0_rewards": [oracle.reward(p, t) for p, t in zip(prompts, pi0_texts)],
+            "pi0_proxy": lambda rm: reward.score(rm, prompt_tokens, pi0_responses)}
+
+
+def plot_curves(metrics, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    iterations = [m["iteration"] for m in metrics]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    series = [("win_rate", "win-rate vs pi0 (soft)"), ("kl", "KL(pi || pi0), nats")]
+    for ax, (key, label) in zip(axes, series):
+        ax.errorbar(iterations, [m[key] for m in metrics], yerr=[m[key + "_se"] for m in metrics], marker="o")
+        ax.set_xlabel("iteration")
+        ax.set_ylabel(label)
+    axes[0].axhline(0.5, color="grey", lw=0.8, ls="--")
+    axes[2].plot([m["kl"] for m in metrics], [m["win_rate"] for m in metrics], marker="o")
+    for m in metrics:
+        axes[2].annotate(str(m["iteration"]), (m["kl"], m["win_rate"]), textcoords="offset points", xytext=(4, 4))
+    axes[2].set_xlabel("KL(pi || pi0), nats")
+    axes[2].set_ylabel("win-rate vs pi0")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def train_policy(policy, pi0, pairs, args, device, seed):
+    """One iteration's DPO from the current policy; the reference is pi0 (the paper) or the policy as it was before
+    this update (--reference previous). Returns the statistics a user watches for stability."""
+    reference = pi0 if args.reference == "pi0" else None  # None: train_dpo uses the policy before any update
+    steps = max(1, round(args.dpo_epochs * len(pairs) / args.dpo_batch))
+    history = dpo.train_dpo(policy, pairs, args.beta, steps, args.dpo_lr, args.dpo_batch, args.label_smoothing,
+                            args.loss, reference=reference, seed=seed, device=device, warmup=max(1, steps // 10),
+                            nll_weight=args.nll_weight)
+    return {"dpo_steps": steps, "dpo_loss": history[-1]["loss"],
+            "dpo_accuracy": float(np.mean([h["accuracy"] for h in history[-10:]])),
+            "chosen_logps_start": history[0]["chosen_logps"], "chosen_logps_end": history[-1]["chosen_logps"],
+            "rejected_logps_start": history[0]["rejected_logps"], "rejected_logps_end": history[-1]["rejected_logps"]}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the loop
+
+def summary(row):
+    return (f"iter {row['iteration']}: win-rate {row['win_rate']:.3f} ± {row['win_rate_se']:.3f}  "
+            f"KL {row['kl']:.2f} ± {row['kl_se']:.2f}  r* {row['reward']:+.2f}  proxy {row['proxy_reward']:+.2f}  "
+            f"len {row['length']:.0f}  finished {row['finished']:.2f}  malformed {row['malformed']:.2f}  "
+            f"rm-acc {float('nan') if row['rm_accuracy'] is None else row['rm_accuracy']:.2f}  labels {row['labels']}  ({row['seconds']:.0f} s)")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    cache_dir = args.cache or args.out
+    os.makedirs(args.out, exist_ok=True)
+    os.makedirs(cache_dir, exist_ok=True)
+    print(f"device {device}; settings saved to {os.path.join(args.out, 'config.json')}")
+    with open(os.path.join(args.out, "config.json"), "w") as f:
+        json.dump(vars(args), f, indent=1)
+    start = time.time()
+    tokenizer, world, oracle = Tokenizer(), World(seed=args.seed), Oracle()
+    args.stop_ids = tokenizer.stop_ids
+
+    pi0 = make_pi0(world, tokenizer, args, device, cache_dir)
+    rm, oracle_pairs = make_reward_model(pi0, world, oracle, tokenizer, args, device, cache_dir)
+    evaluation = make_evaluation(pi0, world, tokenizer, oracle, args, device)
+    eval_generator = torch.Generator(device=device).manual_seed(args.seed + 3)
+    sample_generator = torch.Generator(device=device).manual_seed(args.seed + 4)
+    label_rng, pair_rng = np.random.default_rng(args.seed + 5), random.Random(args.seed + 6)
+
+    metrics_path, samples_path = os.path.join(args.out, "metrics.jsonl"), os.path.join(args.out, "samples.txt")
+    open(metrics_path, "w").close()
+    open(samples_path, "w").close()
+    metrics = []
+
+    def record(iteration, policy, extra):
+        clock = time.time()
+        row, texts = evaluate(policy, pi0, rm, evaluation, args, tokenizer, oracle, eval_generator)
+        extra = {**extra, "eval_s": round(time.time() - clock, 1)}
+        row = {"iteration": iteration, "labels": oracle.queries, **row, **extra,
+               "seconds": round(time.time() - start, 1)}
+        metrics.append(row)
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        with open(samples_path, "a") as f:
+            f.write(f"=== iteration {iteration}\n")
+            for prompt, text in list(zip(evaluation["prompts"], texts))[:args.show]:
+                f.write(f"{prompt}\n  r* {oracle.reward(prompt, text):+.2f}  {text}\n")
+        plot_curves(metrics, os.path.join(args.out, "curves.png"))
+        print(summary(row))
+
+    record(0, pi0, {})
+    train_order = random.Random(args.seed + 7).sample(world.train_prompts, len(world.train_prompts))
+    def prompts_for(t):  # iteration t's prompts: the next chunk of a fixed shuffle of the training prompts
+        chunk = [train_order[(t * args.prompts_per_iter + i) % len(train_order)] for i in range(args.prompts_per_iter)]
+        return chunk, [encode_prompt(tokenizer, p) for p in chunk]
+
+    offline_pairs = []
+    if args.pairs == "offline":  # the whole label budget spent on pi0's samples before any training
+        for t in range(args.iterations):
+            prompts, prompt_tokens = prompts_for(t)
+            pairs = make_pairs("best-worst", pi0, rm, prompts, prompt_tokens, oracle_pairs, args, tokenizer,
+                               sample_generator, pair_rng)
+            offline_pairs.append(label_pairs(pairs, args.labeler, oracle, label_rng))
+
+    policy, all_pairs = copy.deepcopy(pi0), []
+    for t in range(args.iterations):
+        clock = time.time()
+        if args.pairs == "offline":
+            new_pairs = offline_pairs[t]
+        else:
+            prompts, prompt_tokens = prompts_for(t)
+            pairs = make_pairs(args.pairs, policy, rm, prompts, prompt_tokens, oracle_pairs, args, tokenizer,
+                               sample_generator, pair_rng)
+            new_pairs = label_pairs(pairs, args.labeler, oracle, label_rng)
+            if args.labeler == "oracle":
+                oracle_pairs = oracle_pairs + new_pairs
+        all_pairs += new_pairs
+        seconds = {"pairs_s": time.time() - clock}
+        if args.restart:
+            policy = copy.deepcopy(pi0)
+        clock = time.time()
+        dpo_stats = train_policy(policy, pi0, all_pairs if args.restart else new_pairs, args, device, seed=args.seed + t)
+        seconds["dpo_s"] = time.time() - clock
+        clock = time.time()
+        rm_fit_accuracy = None
+        if args.labeler == "oracle" and args.pairs != "offline":  # the MLE on all oracle labels so far
+            rm_fit_accuracy = fit_reward_model(rm, oracle_pairs, args, device, args.rm_refit_steps)
+        seconds["rm_s"] = time.time() - clock
+        record(t + 1, policy, {"pairs": len(new_pairs), **dpo_stats, "rm_fit_accuracy": rm_fit_accuracy,
+                               **{k: round(v, 1) for k, v in seconds.items()}})
+    print(f"done in {time.time() - start:.0f} s: {metrics_path}, {samples_path}, {os.path.join(args.out, 'curves.png')}")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

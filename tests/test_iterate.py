@@ -1,0 +1,127 @@
+"""Tests of iterate.py: the pair rules, the KL estimate, evaluation's sampling, the CLI, the cache, and a micro run."""
+import json
+
+import pytest
+import torch
+
+import iterate
+from model import GPT, GPTConfig
+from oracle import Oracle, World
+from tokenizer import Tokenizer
+
+MICRO = ["--sft-examples", "3000", "--sft-steps", "150", "--sft-batch", "16", "--rm-labels", "128",
+         "--rm-steps", "30", "--iterations", "2", "--prompts-per-iter", "48", "--n", "4", "--eval-prompts", "96",
+         "--max-new-tokens", "64", "--dpo-lr", "2e-4", "--seed", "0"]
+
+
+@pytest.fixture(scope="module")
+def small_world():
+    tokenizer, world = Tokenizer(), World(seed=0)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.preset("tiny", n_layer=2, vocab_size=tokenizer.n_vocab)).eval()
+    return tokenizer, world, model
+
+
+def test_best_worst_takes_extremes_and_drops_ties():
+    scores = torch.tensor([[0.1, 0.9, -0.5], [0.3, 0.3, 0.3], [1.0, 2.0, 0.0]])
+    texts = [["a", "b", "c"], ["x", "y", "z"], ["same", "other", "same"]]
+    # row 0: best 1, worst 2; row 1: all scores tie -> dropped; row 2: best 1 vs worst 2
+    assert iterate.best_worst_pairs(scores, texts) == [(0, 1, 2), (2, 1, 2)]
+    # equal texts are a tie too, whatever the scores
+    assert iterate.best_worst_pairs(torch.tensor([[2.0, 1.0]]), [["t", "t"]]) == []
+
+
+def test_random_pairs_drop_identical_texts():
+    import random
+    texts = [["a", "a", "a"], ["a", "b", "c"]]
+    pairs = iterate.random_pairs(texts, random.Random(0))
+    assert [p for p, _, _ in pairs] == [1]
+    _, i, j = pairs[0]
+    assert i != j
+
+
+def test_uncertainty_pairs_pick_the_farthest_sample_in_sigma_inverse_norm():
+    # main = the best-scored sample; the enhancer maximises (phi_main - phi)^T Sigma^-1 (phi_main - phi).
+    # Sigma has a large variance along axis 0 (much labelled data there), so a far sample along axis 0 is less
+    # uncertain than a nearer one along the unexplored axis 1.
+    scores = torch.tensor([[3.0, 0.0, 0.0, 1.0]])
+    features = torch.tensor([[[0.0, 0.0], [4.0, 0.0], [0.0, 1.0], [0.1, 0.1]]])
+    sigma = torch.diag(torch.tensor([100.0, 1.0]))
+    assert iterate.uncertainty_pairs(scores, features, [["m", "far", "new", "near"]], sigma) == [(0, 0, 2)]
+    # with Sigma = I the plain Euclidean farthest wins
+    assert iterate.uncertainty_pairs(scores, features, [["m", "far", "new", "near"]], torch.eye(2)) == [(0, 0, 1)]
+
+
+def test_kl_is_exactly_zero_when_policy_is_reference(small_world):
+    tokenizer, world, model = small_world
+    prompts = [iterate.encode_prompt(tokenizer, p) for p in world.eval_prompts[:6]]
+    responses = model.generate(prompts, 12, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(iterate.kl_estimate(model, model, prompts, responses), torch.zeros(6))
+
+
+def test_evaluation_samples_fresh_at_temperature_one(small_world, monkeypatch):
+    # KL and win-rate are computed on fresh samples of the policy drawn at temperature 1.0 with no top-k, never on
+    # training samples (drawn half at 0.7)
+    tokenizer, world, model = small_world
+    args = iterate.parse_args(["--max-new-tokens", "12"])
+    args.stop_ids = tokenizer.stop_ids
+    oracle = Oracle()
+    evaluation = iterate.make_evaluation(model, world, tokenizer, oracle, argparse_override(args, 8), "cpu")
+    policy = GPT(model.config)
+    policy.load_state_dict(model.state_dict())
+    calls, kl_inputs = [], []
+    original_generate = policy.generate
+
+    def spy(prompts, max_new_tokens, temperature=1.0, top_k=None, **kwargs):
+        out = original_generate(prompts, max_new_tokens, temperature, top_k, **kwargs)
+        calls.append((temperature, top_k, out))
+        return out
+
+    original_kl = iterate.kl_estimate
+    monkeypatch.setattr(policy, "generate", spy)
+    monkeypatch.setattr(iterate, "kl_estimate", lambda p, r, pt, resp: kl_inputs.append(resp) or original_kl(p, r, pt, resp))
+    rm = __import__("reward").RewardModel(GPT(model.config))
+    iterate.evaluate(policy, model, rm, evaluation, args, tokenizer, oracle, torch.Generator().manual_seed(1))
+    assert calls and all(t == 1.0 and k is None for t, k, _ in calls)
+    assert kl_inputs == [[r for _, _, out in calls for r in out]]
+
+
+def argparse_override(args, eval_prompts):
+    args.eval_prompts = eval_prompts
+    return args
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--pairs", "best-of"], "unknown rule 'best-of'"),
+    (["--labeler", "human"], "unknown labeler 'human'"),
+    (["--n", "1"], "--n must be at least 2"),
+])
+def test_bad_cli_input_is_refused(flags, message, capsys):
+    with pytest.raises(SystemExit):
+        iterate.parse_args(flags)
+    assert message in capsys.readouterr().err
+
+
+def test_cache_with_other_settings_is_rebuilt_and_logged(small_world, tmp_path, capsys):
+    tokenizer, world, _ = small_world
+    args = iterate.parse_args(["--sft-steps", "2", "--sft-examples", "64", "--max-new-tokens", "16"])
+    iterate.make_pi0(world, tokenizer, args, "cpu", str(tmp_path))
+    iterate.make_pi0(world, tokenizer, args, "cpu", str(tmp_path))
+    assert "reusing the cached pi0" in capsys.readouterr().out
+    args.sft_steps = 3
+    iterate.make_pi0(world, tokenizer, args, "cpu", str(tmp_path))
+    out = capsys.readouterr().out
+    assert "built with other settings; rebuilding" in out and "'sft_steps': 2" in out
+
+
+def test_micro_run_raises_win_rate_above_pi0(tmp_path):
+    # a micro configuration of the whole loop (well under a minute on 2 CPU cores): the final policy beats pi0
+    metrics = iterate.main(MICRO + ["--out", str(tmp_path)])
+    first, last = metrics[0], metrics[-1]
+    assert first["kl"] == 0.0 and abs(first["win_rate"] - 0.5) < 3 * first["win_rate_se"] + 0.02
+    assert last["win_rate"] > 0.5 + 2 * last["win_rate_se"]
+    assert last["kl"] > 0 and last["labels"] > first["labels"]
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["iteration"] for r in rows] == [0, 1, 2]
+    assert all(k in rows[0] for k in ("iteration", "labels", "win_rate", "kl", "reward", "length"))
+    assert (tmp_path / "curves.png").stat().st_size > 0
