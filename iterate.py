@@ -29,6 +29,7 @@ import os
 import random
 import time
 from dataclasses import asdict
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -37,7 +38,7 @@ from tqdm import tqdm
 
 import dpo
 import reward
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, add_lora, lora_disabled, merge_lora
 from oracle import Oracle, World, hard_win_rate, malformed, soft_win_rate
 from tokenizer import Tokenizer
 from train import collate, fit, shuffled_batches
@@ -56,6 +57,19 @@ def parse_args(argv=None):
     run.add_argument("--seed", type=int, default=0, help="seeds the world, the models and the oracle")
     run.add_argument("--device", default="auto", help="auto picks cuda, then mps, then cpu")
     run.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ckpt = parser.add_argument_group("starting from a Llama 3.x checkpoint instead of SFT on the synthetic world")
+    ckpt.add_argument("--init", default=None, help="a Meta or Hugging Face Llama folder: pi0 (its tokenizer.model "
+                                                    "or tokenizer.json is used too)")
+    ckpt.add_argument("--prompts", default=None, help='a JSON-lines file of {"prompt": ...} to use instead of the '
+                                                      "world's prompts (the oracle still judges the text)")
+    ckpt.add_argument("--chat", default="auto", choices=("auto", "on", "off"), help="wrap prompts in the Llama 3 "
+                                                                                    "chat format (auto: when the tokenizer has it)")
+    ckpt.add_argument("--lora", type=int, default=0, help="LoRA rank for the policy (0: train all weights); the "
+                                                          "DPO reference is then the same model with adapters off")
+    ckpt.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"), help="weights of a loaded "
+                                                                                                "checkpoint (auto: bfloat16 on CUDA)")
+    ckpt.add_argument("--rope-scaling-factor", type=float, default=None, help="RoPE scaling factor of a Meta folder "
+                                                                              "(Llama 3.2 1B/3B: 32)")
     world = parser.add_argument_group("world and pi0 (SFT)")
     world.add_argument("--preset", default="tiny", help="model size: tiny (CPU) or small (GPU)")
     world.add_argument("--sft-examples", type=int, default=20000, help="prompt/response pairs in the SFT corpus")
@@ -67,8 +81,8 @@ def parse_args(argv=None):
     rm = parser.add_argument_group("reward model")
     rm.add_argument("--rm-labels", type=int, default=1024, help="oracle-labelled pi0 pairs for the first reward "
                                                                 "model (L0; counted in labels spent)")
-    rm.add_argument("--rm-steps", type=int, default=100, help="reward-model steps per fit")
-    rm.add_argument("--rm-refit-steps", type=int, default=40, help="steps of each per-iteration refit (continues "
+    rm.add_argument("--rm-steps", type=int, default=60, help="reward-model steps per fit")
+    rm.add_argument("--rm-refit-steps", type=int, default=30, help="steps of each per-iteration refit (continues "
                                                                     "from the previous reward model)")
     rm.add_argument("--rm-batch", type=int, default=32, help="reward-model batch size (pairs)")
     rm.add_argument("--rm-trainable-layers", type=int, default=2, help="top blocks of the pi0 backbone the "
@@ -76,7 +90,7 @@ def parse_args(argv=None):
     rm.add_argument("--rm-lr", type=float, default=1e-3, help="reward-model peak learning rate")
     online = parser.add_argument_group("online loop")
     online.add_argument("--iterations", type=int, default=3, help="T, the number of online iterations")
-    online.add_argument("--prompts-per-iter", type=int, default=256, help="m, prompts (so at most m pairs) per "
+    online.add_argument("--prompts-per-iter", type=int, default=192, help="m, prompts (so at most m pairs) per "
                                                                          "iteration")
     online.add_argument("--n", type=int, default=8, help="samples per prompt (half at temperature 1.0, half 0.7)")
     online.add_argument("--pairs", default="best-worst", help=f"exploration rule: {', '.join(PAIR_RULES)}")
@@ -92,13 +106,13 @@ def parse_args(argv=None):
     d.add_argument("--loss", default="dpo", choices=("dpo", "ipo"), help="preference loss")
     d.add_argument("--beta", type=float, default=0.1, help="KL weight beta (eta in the papers)")
     d.add_argument("--label-smoothing", type=float, default=0.0, help="conservative DPO's label noise epsilon")
-    d.add_argument("--nll-weight", type=float, default=0.0, help="weight of the chosen responses' per-token NLL "
+    d.add_argument("--nll-weight", type=float, default=5.0, help="weight of the chosen responses' per-token NLL "
                                                                  "added to the loss (RPO); 0 is plain DPO")
-    d.add_argument("--dpo-epochs", type=float, default=2.0, help="passes over each iteration's pairs")
+    d.add_argument("--dpo-epochs", type=float, default=4.0, help="passes over each iteration's pairs")
     d.add_argument("--dpo-batch", type=int, default=16, help="pairs per DPO step")
-    d.add_argument("--dpo-lr", type=float, default=2e-4, help="DPO peak learning rate")
+    d.add_argument("--dpo-lr", type=float, default=6e-4, help="DPO peak learning rate")
     ev = parser.add_argument_group("evaluation")
-    ev.add_argument("--eval-prompts", type=int, default=512, help="held-out prompts for win-rate and KL")
+    ev.add_argument("--eval-prompts", type=int, default=384, help="held-out prompts for win-rate and KL")
     ev.add_argument("--show", type=int, default=4, help="sample responses written per iteration")
     args = parser.parse_args(argv)
     if args.pairs not in PAIR_RULES:
@@ -107,6 +121,8 @@ def parse_args(argv=None):
         parser.error(f"--labeler: unknown labeler {args.labeler!r}; choose one of {', '.join(LABELERS)}")
     if args.n < 2:
         parser.error(f"--n must be at least 2 to form a pair, got {args.n}")
+    if args.lora and args.restart:
+        parser.error("--restart with --lora is not supported: the adapters are the policy's only trained weights")
     return args
 
 
@@ -123,7 +139,11 @@ def pick_device(name: str) -> torch.device:
 # ---------------------------------------------------------------------------------------------------------------
 # text <-> tokens
 
-def encode_prompt(tokenizer: Tokenizer, prompt: str) -> list[int]:
+def encode_prompt(tokenizer: Tokenizer, prompt: str, chat: str = "off") -> list[int]:
+    """The world's format is begin-of-text, the prompt, a newline; a Llama 3 Instruct model gets its chat format
+    (chat "on", or "auto" when the tokenizer has the header tokens)."""
+    if chat == "on" or (chat == "auto" and "<|start_header_id|>" in tokenizer.special_tokens):
+        return tokenizer.encode_chat([{"role": "user", "content": prompt}])
     return tokenizer.encode(prompt + "\n", bos=True)
 
 
@@ -146,7 +166,7 @@ def sft_loss(model, tokens, mask, response_mask):
 def sft_corpus_tokens(world, tokenizer, args):
     """The world's SFT corpus as (prompt tokens, response tokens + end token) pairs; a rambling response is cut
     where sampling would cut it."""
-    return [(encode_prompt(tokenizer, prompt), tokenizer.encode(response, eos=True)[:args.max_new_tokens])
+    return [(encode_prompt(tokenizer, prompt, args.chat), tokenizer.encode(response, eos=True)[:args.max_new_tokens])
             for prompt, response in world.sft_corpus(args.sft_examples, seed=args.seed)]
 
 
@@ -299,7 +319,7 @@ def label_pairs(pairs, labeler, oracle, rng):
 def make_reward_model(pi0, world, oracle, tokenizer, args, device, cache_dir):
     """r_hat initialised from pi0 and fit to L0 oracle-labelled pairs of pi0 samples (random pairs on training
     prompts). Cached with its labelled pairs, which every later refit reuses."""
-    key = {"pi0": pi0_key(args), **{k: getattr(args, k) for k in ("rm_labels", "rm_steps", "rm_batch", "rm_lr", "rm_trainable_layers",
+    key = {"pi0": pi0_key(args), **{k: getattr(args, k) for k in ("init", "prompts", "chat", "rm_labels", "rm_steps", "rm_batch", "rm_lr", "rm_trainable_layers",
                                                              "max_new_tokens")}}
     path = os.path.join(cache_dir, "rm0.pt")
     rm = reward.RewardModel(copy.deepcopy(pi0), None if args.rm_trainable_layers < 0 else args.rm_trainable_layers).to(device)
@@ -310,7 +330,7 @@ def make_reward_model(pi0, world, oracle, tokenizer, args, device, cache_dir):
         return rm.eval(), saved["pairs"]
     rng = random.Random(args.seed + 1)
     prompts = [rng.choice(world.train_prompts) for _ in range(args.rm_labels)]
-    prompt_tokens = [encode_prompt(tokenizer, p) for p in prompts]
+    prompt_tokens = [encode_prompt(tokenizer, p, args.chat) for p in prompts]
     generator = torch.Generator(device=device).manual_seed(args.seed + 1)
     first, second = (sample(pi0, prompt_tokens, 1.0, args, generator) for _ in range(2))
     pairs = [(p, pt, a, decode_response(tokenizer, a), b, decode_response(tokenizer, b), 0.0, 0.0)
@@ -368,7 +388,7 @@ def evaluate(policy, pi0, rm, evaluation, args, tokenizer, oracle, generator):
 def make_evaluation(pi0, world, tokenizer, oracle, args, device):
     """The held-out prompts and pi0's fixed reference sample on each (temperature 1.0)."""
     prompts = world.eval_prompts[:args.eval_prompts]
-    prompt_tokens = [encode_prompt(tokenizer, p) for p in prompts]
+    prompt_tokens = [encode_prompt(tokenizer, p, args.chat) for p in prompts]
     generator = torch.Generator(device=device).manual_seed(args.seed + 2)
     pi0_responses = sample(pi0, prompt_tokens, 1.0, args, generator)
     pi0_texts = [decode_response(tokenizer, r) for r in pi0_responses]
@@ -381,6 +401,7 @@ def plot_curves(metrics, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
     iterations = [m["iteration"] for m in metrics]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     series = [("win_rate", "win-rate vs pi0 (soft)"), ("kl", "KL(pi || pi0), nats")]
@@ -388,6 +409,7 @@ def plot_curves(metrics, path):
         ax.errorbar(iterations, [m[key] for m in metrics], yerr=[m[key + "_se"] for m in metrics], marker="o")
         ax.set_xlabel("iteration")
         ax.set_ylabel(label)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0].axhline(0.5, color="grey", lw=0.8, ls="--")
     axes[2].plot([m["kl"] for m in metrics], [m["win_rate"] for m in metrics], marker="o")
     for m in metrics:
@@ -399,6 +421,66 @@ def plot_curves(metrics, path):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def load_prompts(path: str) -> list[str]:
+    """Prompts from a JSON-lines file, one {"prompt": "..."} per line; blank lines are skipped."""
+    prompts = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{number}: not JSON ({error.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+                raise ValueError(f'{path}:{number}: expected an object with a string "prompt"')
+            prompts.append(record["prompt"])
+    if len(prompts) < 4:
+        raise ValueError(f"{path}: needs at least 4 prompts (training and held-out), found {len(prompts)}")
+    return prompts
+
+
+def file_prompts(path: str, n_eval: int, seed: int) -> SimpleNamespace:
+    """A seeded split of a prompt file: held-out prompts for evaluation, the rest for training."""
+    prompts = load_prompts(path)
+    random.Random(seed).shuffle(prompts)
+    n_eval = min(n_eval, len(prompts) // 2)
+    return SimpleNamespace(eval_prompts=prompts[:n_eval], train_prompts=prompts[n_eval:])
+
+
+def load_start(args, device, cache_dir):
+    """The tokenizer, the prompts and pi0: SFT on the synthetic world (cached), or a Llama checkpoint."""
+    world = World(seed=args.seed)
+    prompt_source = world if args.prompts is None else file_prompts(args.prompts, args.eval_prompts, args.seed)
+    if args.init is None:
+        tokenizer = Tokenizer()
+        return tokenizer, prompt_source, make_pi0(world, tokenizer, args, device, cache_dir)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(args.dtype)
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    tokenizer = Tokenizer.from_pretrained(args.init)
+    pi0 = GPT.from_pretrained(args.init, dtype=dtype, device=device, rope_scaling_factor=args.rope_scaling_factor)
+    tokenizer.check_fits(pi0.config.vocab_size)
+    print(f"pi0 from {args.init}: {pi0.num_params() / 1e6:.1f} M parameters, {dtype}")
+    return tokenizer, prompt_source, pi0.eval()
+
+
+class AdaptersOff(torch.nn.Module):
+    """pi0 as the LoRA policy with its adapters switched off: the DPO reference without a second copy."""
+
+    def __init__(self, policy):
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, *args, **kwargs):
+        with lora_disabled(self.policy):
+            return self.policy(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        with lora_disabled(self.policy):
+            return self.policy.generate(*args, **kwargs)
 
 
 def train_policy(policy, pi0, pairs, args, device, seed):
@@ -425,90 +507,96 @@ def summary(row):
             f"rm-acc {float('nan') if row['rm_accuracy'] is None else row['rm_accuracy']:.2f}  labels {row['labels']}  ({row['seconds']:.0f} s)")
 
 
+def write_evaluation(out, metrics, row, texts, evaluation, oracle, show):
+    """Append the row to metrics.jsonl and a few samples to samples.txt; redraw curves.png."""
+    metrics.append(row)
+    with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(row) + "\n")
+    with open(os.path.join(out, "samples.txt"), "a") as f:
+        f.write(f"=== iteration {row['iteration']}\n")
+        for prompt, text in list(zip(evaluation["prompts"], texts))[:show]:
+            f.write(f"{prompt}\n  r* {oracle.reward(prompt, text):+.2f}  {text}\n")
+    plot_curves(metrics, os.path.join(out, "curves.png"))
+    print(summary(row))
+
+
+def collect_pairs(t, policy, pi0, rm, oracle, oracle_pairs, prompts_for, args, tokenizer, rngs):
+    """Iteration t's labelled pairs. The offline baseline draws them from pi0 (all before any training, so the
+    policy never moves the data); the online rules from the current policy."""
+    prompts, prompt_tokens = prompts_for(t)
+    rule, sampler = ("best-worst", pi0) if args.pairs == "offline" else (args.pairs, policy)
+    pairs = make_pairs(rule, sampler, rm, prompts, prompt_tokens, oracle_pairs, args, tokenizer, rngs.sample,
+                       rngs.pair)
+    return label_pairs(pairs, args.labeler, oracle, rngs.label)
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
-    cache_dir = args.cache or args.out
-    os.makedirs(args.out, exist_ok=True)
-    os.makedirs(cache_dir, exist_ok=True)
-    print(f"device {device}; settings saved to {os.path.join(args.out, 'config.json')}")
+    for folder in (args.out, args.cache or args.out):
+        os.makedirs(folder, exist_ok=True)
     with open(os.path.join(args.out, "config.json"), "w") as f:
         json.dump(vars(args), f, indent=1)
-    start = time.time()
-    tokenizer, world, oracle = Tokenizer(), World(seed=args.seed), Oracle()
+    for name in ("metrics.jsonl", "samples.txt"):
+        open(os.path.join(args.out, name), "w").close()
+    print(f"device {device}; settings in {os.path.join(args.out, 'config.json')}")
+    start, oracle, metrics = time.time(), Oracle(), []
+
+    tokenizer, prompt_source, pi0 = load_start(args, device, args.cache or args.out)
     args.stop_ids = tokenizer.stop_ids
+    rm, oracle_pairs = make_reward_model(pi0, prompt_source, oracle, tokenizer, args, device, args.cache or args.out)
+    policy = copy.deepcopy(pi0)
+    if args.lora:  # the policy trains adapters only; pi0 is the same weights with the adapters switched off
+        policy = add_lora(pi0, args.lora)
+        pi0 = AdaptersOff(policy)
+    evaluation = make_evaluation(pi0, prompt_source, tokenizer, oracle, args, device)
+    rngs = SimpleNamespace(eval=torch.Generator(device=device).manual_seed(args.seed + 3),
+                           sample=torch.Generator(device=device).manual_seed(args.seed + 4),
+                           label=np.random.default_rng(args.seed + 5), pair=random.Random(args.seed + 6))
+    train_order = random.Random(args.seed + 7).sample(prompt_source.train_prompts, len(prompt_source.train_prompts))
 
-    pi0 = make_pi0(world, tokenizer, args, device, cache_dir)
-    rm, oracle_pairs = make_reward_model(pi0, world, oracle, tokenizer, args, device, cache_dir)
-    evaluation = make_evaluation(pi0, world, tokenizer, oracle, args, device)
-    eval_generator = torch.Generator(device=device).manual_seed(args.seed + 3)
-    sample_generator = torch.Generator(device=device).manual_seed(args.seed + 4)
-    label_rng, pair_rng = np.random.default_rng(args.seed + 5), random.Random(args.seed + 6)
-
-    metrics_path, samples_path = os.path.join(args.out, "metrics.jsonl"), os.path.join(args.out, "samples.txt")
-    open(metrics_path, "w").close()
-    open(samples_path, "w").close()
-    metrics = []
+    def prompts_for(t):  # iteration t's prompts: the next chunk of a fixed shuffle of the training prompts
+        chunk = [train_order[(t * args.prompts_per_iter + i) % len(train_order)] for i in range(args.prompts_per_iter)]
+        return chunk, [encode_prompt(tokenizer, p, args.chat) for p in chunk]
 
     def record(iteration, policy, extra):
         clock = time.time()
-        row, texts = evaluate(policy, pi0, rm, evaluation, args, tokenizer, oracle, eval_generator)
-        extra = {**extra, "eval_s": round(time.time() - clock, 1)}
+        row, texts = evaluate(policy, pi0, rm, evaluation, args, tokenizer, oracle, rngs.eval)
         row = {"iteration": iteration, "labels": oracle.queries, **row, **extra,
-               "seconds": round(time.time() - start, 1)}
-        metrics.append(row)
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        with open(samples_path, "a") as f:
-            f.write(f"=== iteration {iteration}\n")
-            for prompt, text in list(zip(evaluation["prompts"], texts))[:args.show]:
-                f.write(f"{prompt}\n  r* {oracle.reward(prompt, text):+.2f}  {text}\n")
-        plot_curves(metrics, os.path.join(args.out, "curves.png"))
-        print(summary(row))
+               "eval_s": round(time.time() - clock, 1), "seconds": round(time.time() - start, 1)}
+        write_evaluation(args.out, metrics, row, texts, evaluation, oracle, args.show)
 
     record(0, pi0, {})
-    train_order = random.Random(args.seed + 7).sample(world.train_prompts, len(world.train_prompts))
-    def prompts_for(t):  # iteration t's prompts: the next chunk of a fixed shuffle of the training prompts
-        chunk = [train_order[(t * args.prompts_per_iter + i) % len(train_order)] for i in range(args.prompts_per_iter)]
-        return chunk, [encode_prompt(tokenizer, p) for p in chunk]
-
-    offline_pairs = []
     if args.pairs == "offline":  # the whole label budget spent on pi0's samples before any training
-        for t in range(args.iterations):
-            prompts, prompt_tokens = prompts_for(t)
-            pairs = make_pairs("best-worst", pi0, rm, prompts, prompt_tokens, oracle_pairs, args, tokenizer,
-                               sample_generator, pair_rng)
-            offline_pairs.append(label_pairs(pairs, args.labeler, oracle, label_rng))
-
-    policy, all_pairs = copy.deepcopy(pi0), []
+        offline = [collect_pairs(t, policy, pi0, rm, oracle, oracle_pairs, prompts_for, args, tokenizer, rngs)
+                   for t in range(args.iterations)]
+    all_pairs = []
     for t in range(args.iterations):
         clock = time.time()
         if args.pairs == "offline":
-            new_pairs = offline_pairs[t]
+            new_pairs = offline[t]
         else:
-            prompts, prompt_tokens = prompts_for(t)
-            pairs = make_pairs(args.pairs, policy, rm, prompts, prompt_tokens, oracle_pairs, args, tokenizer,
-                               sample_generator, pair_rng)
-            new_pairs = label_pairs(pairs, args.labeler, oracle, label_rng)
-            if args.labeler == "oracle":
-                oracle_pairs = oracle_pairs + new_pairs
+            new_pairs = collect_pairs(t, policy, pi0, rm, oracle, oracle_pairs, prompts_for, args, tokenizer, rngs)
+            oracle_pairs = oracle_pairs + (new_pairs if args.labeler == "oracle" else [])
         all_pairs += new_pairs
         seconds = {"pairs_s": time.time() - clock}
         if args.restart:
             policy = copy.deepcopy(pi0)
         clock = time.time()
-        dpo_stats = train_policy(policy, pi0, all_pairs if args.restart else new_pairs, args, device, seed=args.seed + t)
-        seconds["dpo_s"] = time.time() - clock
-        clock = time.time()
+        dpo_stats = train_policy(policy, pi0, all_pairs if args.restart else new_pairs, args, device, args.seed + t)
+        seconds["dpo_s"], clock = time.time() - clock, time.time()
         rm_fit_accuracy = None
         if args.labeler == "oracle" and args.pairs != "offline":  # the MLE on all oracle labels so far
             rm_fit_accuracy = fit_reward_model(rm, oracle_pairs, args, device, args.rm_refit_steps)
         seconds["rm_s"] = time.time() - clock
         record(t + 1, policy, {"pairs": len(new_pairs), **dpo_stats, "rm_fit_accuracy": rm_fit_accuracy,
                                **{k: round(v, 1) for k, v in seconds.items()}})
-    print(f"done in {time.time() - start:.0f} s: {metrics_path}, {samples_path}, {os.path.join(args.out, 'curves.png')}")
+    if args.lora:
+        merge_lora(policy)
+    policy.save_pretrained(os.path.join(args.out, "policy"))  # a Hugging Face folder GPT.from_pretrained reads
+    print(f"done in {time.time() - start:.0f} s; wrote metrics.jsonl, samples.txt, curves.png, policy/ in {args.out}")
     return metrics
 
 

@@ -9,9 +9,9 @@ from model import GPT, GPTConfig
 from oracle import Oracle, World
 from tokenizer import Tokenizer
 
-MICRO = ["--sft-examples", "3000", "--sft-steps", "150", "--sft-batch", "16", "--rm-labels", "128",
-         "--rm-steps", "30", "--iterations", "2", "--prompts-per-iter", "48", "--n", "4", "--eval-prompts", "96",
-         "--max-new-tokens", "64", "--dpo-lr", "2e-4", "--seed", "0"]
+MICRO = ["--sft-examples", "3000", "--sft-steps", "100", "--rm-labels", "64", "--rm-steps", "20",
+         "--rm-refit-steps", "5", "--iterations", "3", "--prompts-per-iter", "48", "--n", "4", "--eval-prompts", "128",
+         "--max-new-tokens", "48", "--seed", "0"]  # measured: about 45 s on 2 CPU cores, final win-rate 0.645 +- 0.017
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +122,40 @@ def test_micro_run_raises_win_rate_above_pi0(tmp_path):
     assert last["win_rate"] > 0.5 + 2 * last["win_rate_se"]
     assert last["kl"] > 0 and last["labels"] > first["labels"]
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
-    assert [r["iteration"] for r in rows] == [0, 1, 2]
+    assert [r["iteration"] for r in rows] == [0, 1, 2, 3]
     assert all(k in rows[0] for k in ("iteration", "labels", "win_rate", "kl", "reward", "length"))
     assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_prompt_file_errors_name_the_file_and_line(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "a"}\n{"text": "b"}\n')
+    with pytest.raises(ValueError, match=r"prompts.jsonl:2: expected an object with a string \"prompt\""):
+        iterate.load_prompts(str(path))
+    path.write_text('{"prompt": "a"}\nnot json\n')
+    with pytest.raises(ValueError, match=r"prompts.jsonl:2: not JSON"):
+        iterate.load_prompts(str(path))
+
+
+def test_loop_runs_from_a_llama_folder_with_lora_and_a_prompt_file(tmp_path):
+    # a Hugging Face Llama folder (written by save_pretrained) with a byte-level tokenizer.model, the prompts from a
+    # JSON-lines file in the chat format, LoRA adapters: the loop runs, and the merged policy it saves loads back
+    import base64
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=512, dim=32, n_layer=2, n_head=2, n_kv_head=1, ffn_hidden=64, max_seq_len=128)
+    start = GPT(config)
+    start.save_pretrained(tmp_path / "llama")
+    ranks = "".join(f"{base64.b64encode(bytes([i])).decode()} {i}\n" for i in range(256))
+    (tmp_path / "llama" / "tokenizer.model").write_text(ranks)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in World(seed=0).prompts[:16]))
+    out = tmp_path / "run"
+    metrics = iterate.main(["--init", str(tmp_path / "llama"), "--prompts", str(prompts), "--lora", "4",
+                            "--rm-labels", "8", "--rm-steps", "2", "--rm-refit-steps", "2", "--iterations", "1",
+                            "--prompts-per-iter", "4", "--n", "2", "--eval-prompts", "4", "--max-new-tokens", "8",
+                            "--dpo-lr", "1e-2", "--out", str(out)])
+    assert [m["iteration"] for m in metrics] == [0, 1]
+    trained = GPT.from_pretrained(out / "policy")
+    before, after = start.state_dict(), trained.state_dict()
+    assert torch.equal(before["tok_embeddings.weight"], after["tok_embeddings.weight"])  # LoRA left it alone
+    assert not torch.equal(before["layers.0.attention.wq.weight"], after["layers.0.attention.wq.weight"])  # merged
