@@ -18,7 +18,7 @@ import torch
 
 import iterate
 from model import GPT, GPTConfig
-from oracle import Oracle, World
+from oracle import REWARD_MAX, Oracle, World
 from tokenizer import Tokenizer
 
 
@@ -77,7 +77,8 @@ def pi0_statistics(pi0, tokenizer, world, args, n_prompts=256, best_of=64, best_
         samples = iterate.sample(pi0, [tokens] * best_of, 1.0, run_args, generator)
         best.append(max(oracle.reward(prompt, iterate.decode_response(tokenizer, s)) for s in samples))
     print(f"best of {best_of} samples per prompt ({best_prompts} prompts): mean {np.mean(best):+.2f}, "
-          f"share at the maximum {np.mean(np.isclose(best, max(best))):.2f} ({time.time() - start:.0f} s)")
+          f"best {max(best):+.2f}, share reaching the maximum r* {REWARD_MAX} {np.mean(np.isclose(best, REWARD_MAX)):.2f} "
+          f"({time.time() - start:.0f} s)")
 
 
 def main():
