@@ -94,6 +94,8 @@ def parse_args(argv=None):
                                                                          "iteration")
     online.add_argument("--n", type=int, default=8, help="samples per prompt (half at temperature 1.0, half 0.7)")
     online.add_argument("--pairs", default="best-worst", help=f"exploration rule: {', '.join(PAIR_RULES)}")
+    online.add_argument("--pairs-per-prompt", type=int, default=1, help="best-worst: also pair the i-th best with "
+                                                                        "the i-th worst for i < this (1: the paper)")
     online.add_argument("--labeler", default="oracle", help="who labels the pairs: oracle (queries counted) or rm "
                                                             "(the reward model, the paper's practice)")
     online.add_argument("--uncertainty-lambda", type=float, default=1.0, help="lambda of Sigma = lambda*I + sum "
@@ -242,12 +244,18 @@ def sample_candidates(policy, prompt_tokens, args, generator):
     return candidates
 
 
-def best_worst_pairs(scores, texts):
-    """Main = the best-ranked sample, enhancer = the worst; pairs whose two sides tie (same text or score) are
-    dropped. scores: Tensor [P, n]; texts: [P][n]. Returns (prompt, main, enhancer) index triples."""
-    best, worst = scores.argmax(1), scores.argmin(1)
-    return [(p, int(best[p]), int(worst[p])) for p in range(len(texts))
-            if scores[p, best[p]] > scores[p, worst[p]] and texts[p][best[p]] != texts[p][worst[p]]]
+def best_worst_pairs(scores, texts, per_prompt: int = 1):
+    """Main = the best-ranked sample, enhancer = the worst (Algorithm 2); with per_prompt k > 1 also the i-th best
+    against the i-th worst for i < k, so more of the n samples are labelled. Pairs whose two sides tie (same text
+    or score) are dropped. scores: Tensor [P, n]; texts: [P][n]. Returns (prompt, main, enhancer) index triples."""
+    order = scores.argsort(1, descending=True)                                    # [P, n] best first
+    triples = []
+    for p in range(len(texts)):
+        for i in range(min(per_prompt, scores.shape[1] // 2)):
+            best, worst = int(order[p, i]), int(order[p, -1 - i])
+            if scores[p, best] > scores[p, worst] and texts[p][best] != texts[p][worst]:
+                triples.append((p, best, worst))
+    return triples
 
 
 def random_pairs(texts, rng):
@@ -295,7 +303,7 @@ def make_pairs(rule, policy_for_samples, rm, prompts, prompt_tokens, labelled, a
         features = reward.embed(rm, flat_prompts, flat_responses).view(len(prompts), args.n, -1)
         triples = uncertainty_pairs(scores, features, texts, feature_covariance(rm, labelled, args.uncertainty_lambda))
     else:  # best-worst, and offline, which ranks pi0's samples the same way
-        triples = best_worst_pairs(scores, texts)
+        triples = best_worst_pairs(scores, texts, args.pairs_per_prompt)
     return [(prompts[p], prompt_tokens[p], candidates[p][i], texts[p][i], candidates[p][j], texts[p][j],
              float(scores[p, i]), float(scores[p, j])) for p, i, j in triples]
 

@@ -13,14 +13,7 @@ from train import collate
 TOY = dict(vocab_size=32, dim=32, n_layer=2, n_head=2, n_kv_head=1, ffn_hidden=64, max_seq_len=32)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: a second intra-op thread gains nothing, and on a busy 2-core machine its spin-waits
-    made this file 20x slower. Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 LOG_SIGMOID_1 = -0.31326168751822286  # log sigmoid(1) = -log(1 + e^-1)
 
 

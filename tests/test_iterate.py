@@ -29,6 +29,10 @@ def test_best_worst_takes_extremes_and_drops_ties():
     assert iterate.best_worst_pairs(scores, texts) == [(0, 1, 2), (2, 1, 2)]
     # equal texts are a tie too, whatever the scores
     assert iterate.best_worst_pairs(torch.tensor([[2.0, 1.0]]), [["t", "t"]]) == []
+    # two pairs per prompt: best vs worst, then second best vs second worst (row 1 still all ties)
+    assert iterate.best_worst_pairs(scores, texts, per_prompt=2) == [(0, 1, 2), (2, 1, 2)]
+    four = torch.tensor([[0.0, 3.0, 1.0, 2.0]])
+    assert iterate.best_worst_pairs(four, [["a", "b", "c", "d"]], per_prompt=2) == [(0, 1, 0), (0, 3, 2)]
 
 
 def test_random_pairs_drop_identical_texts():

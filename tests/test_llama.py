@@ -34,14 +34,7 @@ IDS = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(1
 PROMPTS = [IDS[0, :12].tolist(), IDS[1, :7].tolist()]  # different lengths: the sampler left-pads
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Matrices this small gain nothing from threads, and on a busy 2-core machine the threads' synchronisation
-    made this file 20 times slower. Restored for the tests that run after this file."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def hf_llama(variant: str, seed: int = 0):

@@ -11,14 +11,7 @@ from reward import RewardModel, bradley_terry_loss, embed, pairwise_accuracy, sc
 TOY = dict(vocab_size=32, dim=32, n_layer=2, n_head=2, n_kv_head=1, ffn_hidden=64, max_seq_len=32)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: a second intra-op thread gains nothing, and on a busy 2-core machine its spin-waits
-    made this file 20x slower. Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def toy_reward_model(seed=0, random_head=False):
