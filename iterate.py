@@ -62,12 +62,12 @@ def parse_args(argv=None):
                                                     "or tokenizer.json is used too)")
     ckpt.add_argument("--prompts", default=None, help='a JSON-lines file of {"prompt": ...} to use instead of the '
                                                       "world's prompts (the oracle still judges the text)")
-    ckpt.add_argument("--chat", default="auto", choices=("auto", "on", "off"), help="wrap prompts in the Llama 3 "
-                                                                                    "chat format (auto: when the tokenizer has it)")
+    ckpt.add_argument("--chat", default="auto", choices=("auto", "on", "off"),
+                      help="wrap prompts in the Llama 3 chat format (auto: when the tokenizer has it)")
     ckpt.add_argument("--lora", type=int, default=0, help="LoRA rank for the policy (0: train all weights); the "
                                                           "DPO reference is then the same model with adapters off")
-    ckpt.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"), help="weights of a loaded "
-                                                                                                "checkpoint (auto: bfloat16 on CUDA)")
+    ckpt.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                      help="weights of a loaded checkpoint (auto: bfloat16 on CUDA)")
     ckpt.add_argument("--rope-scaling-factor", type=float, default=None, help="RoPE scaling factor of a Meta folder "
                                                                               "(Llama 3.2 1B/3B: 32)")
     world = parser.add_argument_group("world and pi0 (SFT)")
@@ -327,10 +327,12 @@ def label_pairs(pairs, labeler, oracle, rng):
 def make_reward_model(pi0, world, oracle, tokenizer, args, device, cache_dir):
     """r_hat initialised from pi0 and fit to L0 oracle-labelled pairs of pi0 samples (random pairs on training
     prompts). Cached with its labelled pairs, which every later refit reuses."""
-    key = {"pi0": pi0_key(args), **{k: getattr(args, k) for k in ("init", "prompts", "chat", "rm_labels", "rm_steps", "rm_batch", "rm_lr", "rm_trainable_layers",
-                                                             "max_new_tokens")}}
+    settings = ("init", "prompts", "chat", "rm_labels", "rm_steps", "rm_batch", "rm_lr", "rm_trainable_layers",
+                "max_new_tokens")
+    key = {"pi0": pi0_key(args), **{k: getattr(args, k) for k in settings}}
     path = os.path.join(cache_dir, "rm0.pt")
-    rm = reward.RewardModel(copy.deepcopy(pi0), None if args.rm_trainable_layers < 0 else args.rm_trainable_layers).to(device)
+    trainable = None if args.rm_trainable_layers < 0 else args.rm_trainable_layers
+    rm = reward.RewardModel(copy.deepcopy(pi0), trainable).to(device)
     saved = load_cached(path, key, "first reward model")
     if saved is not None:
         rm.load_state_dict(saved["model"])
@@ -512,7 +514,8 @@ def summary(row):
     return (f"iter {row['iteration']}: win-rate {row['win_rate']:.3f} ± {row['win_rate_se']:.3f}  "
             f"KL {row['kl']:.2f} ± {row['kl_se']:.2f}  r* {row['reward']:+.2f}  proxy {row['proxy_reward']:+.2f}  "
             f"len {row['length']:.0f}  finished {row['finished']:.2f}  malformed {row['malformed']:.2f}  "
-            f"rm-acc {float('nan') if row['rm_accuracy'] is None else row['rm_accuracy']:.2f}  labels {row['labels']}  ({row['seconds']:.0f} s)")
+            f"rm-acc {float('nan') if row['rm_accuracy'] is None else row['rm_accuracy']:.2f}  "
+            f"labels {row['labels']}  ({row['seconds']:.0f} s)")
 
 
 def write_evaluation(out, metrics, row, texts, evaluation, oracle, show):

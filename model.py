@@ -41,7 +41,8 @@ class GPTConfig:
     norm_eps: float = 1e-5
     max_seq_len: int = 256
     rope_theta: float = 10000.0
-    rope_scaling: dict | None = None  # Llama 3.1: {"factor", "low_freq_factor", "high_freq_factor", "original_max_position"}
+    # Llama 3.1 RoPE scaling: {"factor", "low_freq_factor", "high_freq_factor", "original_max_position"}
+    rope_scaling: dict | None = None
     tie_embeddings: bool = True
 
     def __post_init__(self):
