@@ -472,7 +472,10 @@ def load_start(args, device, cache_dir):
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     tokenizer = Tokenizer.from_pretrained(args.init)
     pi0 = GPT.from_pretrained(args.init, dtype=dtype, device=device, rope_scaling_factor=args.rope_scaling_factor)
-    tokenizer.check_fits(pi0.config.vocab_size)
+    try:
+        tokenizer.check_fits(pi0.config.vocab_size)
+    except ValueError as error:
+        raise ValueError(f"{args.init}: {error}") from None
     print(f"pi0 from {args.init}: {pi0.num_params() / 1e6:.1f} M parameters, {dtype}")
     return tokenizer, prompt_source, pi0.eval()
 
