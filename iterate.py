@@ -296,12 +296,15 @@ def make_pairs(rule, policy_for_samples, rm, prompts, prompt_tokens, labelled, a
     texts = [[decode_response(tokenizer, r) for r in row] for row in candidates]
     flat_prompts = [pt for pt, row in zip(prompt_tokens, candidates) for _ in row]
     flat_responses = [r for row in candidates for r in row]
-    scores = reward.score(rm, flat_prompts, flat_responses).view(len(prompts), args.n)   # [P, n]
+    # one forward gives both phi and the reward, r = head(phi)
+    features = reward.embed(rm, flat_prompts, flat_responses).view(len(prompts), args.n, -1)      # [P, n, C]
+    with torch.no_grad():
+        scores = rm.head(features.to(rm.head.weight.device)).squeeze(-1).float().cpu()           # [P, n]
     if rule == "random":
         triples = random_pairs(texts, rng)
     elif rule == "uncertainty":
-        features = reward.embed(rm, flat_prompts, flat_responses).view(len(prompts), args.n, -1)
-        triples = uncertainty_pairs(scores, features, texts, feature_covariance(rm, labelled, args.uncertainty_lambda))
+        sigma = feature_covariance(rm, labelled, args.uncertainty_lambda)
+        triples = uncertainty_pairs(scores, features, texts, sigma)
     else:  # best-worst, and offline, which ranks pi0's samples the same way
         triples = best_worst_pairs(scores, texts, args.pairs_per_prompt)
     return [(prompts[p], prompt_tokens[p], candidates[p][i], texts[p][i], candidates[p][j], texts[p][j],
