@@ -14,8 +14,9 @@ The loss (RLHF Workflow eq. 5; Rafailov et al. 2023 eq. 7), with beta playing th
 Log-probs are summed over the response tokens, EOS included, prompt and padding excluded (DESIGN.md).
 
 What it simplifies: the reference log-probs are computed once per data set before training (the reference model
-need not be in memory while the policy trains); no SFT/NLL term is added to the loss (so both chosen and rejected
-log-probs may fall: the history logs both means so the reader can see it); no gradient accumulation.
+need not be in memory while the policy trains); no gradient accumulation. Plain DPO lets both chosen and rejected
+log-probs fall (the history logs both means so the reader can see it); `nll_weight` adds the chosen responses'
+per-token NLL (RPO), which iterate.py uses by default to keep the chosen side up.
 
     python dpo.py   # fits a tiny random model to a toy preference and prints the margin and accuracy
 """

@@ -194,3 +194,16 @@ def test_train_ipo_and_cdpo_run_with_an_empty_response():
         assert all(math.isfinite(v) for h in history for v in h.values())
     with pytest.raises(ValueError, match="unknown loss"):
         train_dpo(toy_model(), pairs, steps=1, loss="kto")
+
+
+def test_nll_weight_adds_the_chosen_per_token_nll():
+    # the first step's loss (policy = reference, so DPO gives log 2) is log 2 + w * mean(-log pi(chosen) / |chosen|),
+    # the chosen log-probs computed independently by response_logps
+    torch.manual_seed(0)
+    policy = GPT(GPTConfig(**TOY))
+    pairs = [([3, 4, 5], [6, 7, 1], [8, 1]), ([9, 10], [11, 1], [12, 13, 14, 1])]
+    chosen_logps = response_logps(policy, [p for p, _, _ in pairs], [c for _, c, _ in pairs])
+    lengths = torch.tensor([len(c) for _, c, _ in pairs], dtype=torch.float)
+    expected = math.log(2) + 0.5 * (-chosen_logps / lengths).mean().item()
+    history = train_dpo(policy, pairs, beta=0.1, steps=1, lr=0.0, batch_size=2, nll_weight=0.5)
+    assert history[0]["loss"] == pytest.approx(expected, abs=1e-5)
