@@ -9,6 +9,7 @@ Speed and headroom numbers for the CPU default, printed (timings live here, neve
 
     python bench.py                       # trains pi0 with iterate.py's defaults (about a minute on 2 cores)
     python bench.py --pi0 runs/default/pi0.pt   # or measures a cached pi0
+    python bench.py --run runs/default          # where a finished run's gain comes from (see `diagnose_run`)
 """
 import argparse
 import time
@@ -17,8 +18,9 @@ import numpy as np
 import torch
 
 import iterate
+import reward
 from model import GPT, GPTConfig
-from oracle import REWARD_MAX, Oracle, World
+from oracle import REWARD_MAX, Oracle, World, reward_parts
 from tokenizer import Tokenizer
 
 
@@ -81,12 +83,52 @@ def pi0_statistics(pi0, tokenizer, world, args, n_prompts=256, best_of=64, best_
           f"({time.time() - start:.0f} s)")
 
 
+def load_gpt(path):
+    saved = torch.load(path, weights_only=True)
+    model = GPT(GPTConfig(**saved["config"]))
+    model.load_state_dict(saved["model"])
+    return model.eval()
+
+
+def diagnose_run(run, tokenizer, world, n_prompts=256):
+    """Per part of r*, the mean over held-out prompts for pi0 and for the run's final policy; and the first reward
+    model's pairwise accuracy on pairs of pi0 samples, overall and on pairs whose topic part differs."""
+    run_args = iterate.parse_args([])
+    run_args.stop_ids = tokenizer.stop_ids
+    pi0, policy = load_gpt(f"{run}/pi0.pt"), GPT.from_pretrained(f"{run}/policy").eval()
+    prompts = world.eval_prompts[:n_prompts]
+    prompt_tokens = [iterate.encode_prompt(tokenizer, p) for p in prompts]
+    samples = {}
+    for name, model in (("pi0", pi0), ("policy", policy)):
+        responses = iterate.sample(model, prompt_tokens, 1.0, run_args, torch.Generator().manual_seed(0))
+        samples[name] = responses
+        texts = [iterate.decode_response(tokenizer, r) for r in responses]
+        parts = [reward_parts(p, t) for p, t in zip(prompts, texts)]
+        print(f"{name:>6}: " + "  ".join(f"{k} {np.mean([x[k] for x in parts]):+.2f}" for k in parts[0]))
+    saved = torch.load(f"{run}/rm0.pt", weights_only=True)
+    rm = reward.RewardModel(GPT(pi0.config))
+    rm.load_state_dict(saved["model"])
+    second = iterate.sample(pi0, prompt_tokens, 1.0, run_args, torch.Generator().manual_seed(1))
+    first_texts, second_texts = ([iterate.decode_response(tokenizer, r) for r in rs] for rs in (samples["pi0"], second))
+    gold = np.array([[reward_parts(p, t)["topic"], sum(reward_parts(p, t).values())]
+                     for texts in (first_texts, second_texts) for p, t in zip(prompts, texts)]).reshape(2, -1, 2)
+    proxy = [reward.score(rm.eval(), prompt_tokens, rs).numpy() for rs in (samples["pi0"], second)]
+    agree = (proxy[0] > proxy[1]) == (gold[0, :, 1] > gold[1, :, 1])
+    topic_agree = (proxy[0] > proxy[1]) == (gold[0, :, 0] > gold[1, :, 0])
+    decided, topic_decided = gold[0, :, 1] != gold[1, :, 1], gold[0, :, 0] != gold[1, :, 0]
+    print(f"first reward model on pi0 pairs: accuracy {agree[decided].mean():.2f} ({decided.sum()} pairs), "
+          f"on the topic part alone {topic_agree[topic_decided].mean():.2f} ({topic_decided.sum()} pairs)")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pi0", default=None, help="a cached pi0.pt to measure instead of training one")
+    parser.add_argument("--run", default=None, help="a finished run folder of iterate.py to diagnose instead")
     args = parser.parse_args()
     torch.manual_seed(0)
     tokenizer, world = Tokenizer(), World(seed=0)
+    if args.run:
+        return diagnose_run(args.run, tokenizer, world)
     config = GPTConfig.preset("tiny", vocab_size=tokenizer.n_vocab)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; tiny preset "
           f"{GPT(config).num_params() / 1e6:.2f} M parameters")
@@ -96,9 +138,7 @@ def main():
     print(f"sampling 64 new tokens, batch 32, prompt 48: {cached:,.0f} tokens/s with the KV cache, "
           f"{uncached:,.0f} without ({cached / uncached:.1f}x)")
     if args.pi0:
-        saved = torch.load(args.pi0, weights_only=True)
-        pi0 = GPT(GPTConfig(**saved["config"]))
-        pi0.load_state_dict(saved["model"])
+        pi0 = load_gpt(args.pi0)
     else:
         run_args = iterate.parse_args([])
         pi0 = GPT(config)
