@@ -1,0 +1,141 @@
+"""
+Several arms of the online loop on the same pi0, the same first reward model, the same oracle and the same label
+budget, over several seeds, then one table and one figure.
+
+Every arm is `iterate.py` itself with one setting changed (the table ARMS below), so the arms share every other
+hyperparameter and the same code path. Within a seed the arms share the cache folder, so they start from the same
+pi0 and the same first reward model.
+
+    python experiments.py --arms offline best-worst uncertainty --seeds 0 1 2
+    python experiments.py --arms offline best-worst -- --iterations 5      # after --: iterate.py flags for all arms
+"""
+import argparse
+import json
+import os
+
+import numpy as np
+
+import iterate
+
+# arm -> the iterate.py flags that make it; everything else is the shared configuration
+ARMS = {
+    "best-worst": [],
+    "offline": ["--pairs", "offline"],
+    "random": ["--pairs", "random"],
+    "uncertainty": ["--pairs", "uncertainty"],
+    "labeler-rm": ["--labeler", "rm"],
+    "reference-previous": ["--reference", "previous"],
+    "restart": ["--restart"],
+    "n2": ["--n", "2"],
+    "n4": ["--n", "4"],
+}
+SUMMARY_KEYS = ("win_rate", "kl", "reward", "proxy_reward", "length", "labels")
+
+
+def run_arms(arms, seeds, out, shared_flags):
+    """Run every arm for every seed; a run whose metrics.jsonl is complete and whose settings match is reused."""
+    for seed in seeds:
+        for arm in arms:
+            folder = os.path.join(out, arm, f"seed{seed}")
+            argv = shared_flags + ARMS[arm] + ["--seed", str(seed), "--out", folder,
+                                               "--cache", os.path.join(out, f"cache-seed{seed}")]
+            if finished(folder, argv):
+                print(f"{arm} seed {seed}: reusing {folder}")
+                continue
+            print(f"=== {arm} seed {seed}: python iterate.py {' '.join(argv)}")
+            iterate.main(argv)
+
+
+def finished(folder, argv) -> bool:
+    """True when the folder holds a complete run made with exactly these settings."""
+    try:
+        with open(os.path.join(folder, "config.json")) as f:
+            config = json.load(f)
+        rows = read_metrics(folder)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
+    wanted = vars(iterate.parse_args(argv))
+    return config == wanted and len(rows) == wanted["iterations"] + 1
+
+
+def read_metrics(folder) -> list[dict]:
+    with open(os.path.join(folder, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def collect(out, arms, seeds) -> dict:
+    """arm -> key -> array [seeds, evaluations]."""
+    table = {}
+    for arm in arms:
+        runs = [read_metrics(os.path.join(out, arm, f"seed{seed}")) for seed in seeds]
+        table[arm] = {key: np.array([[row[key] for row in rows] for rows in runs], dtype=float)
+                      for key in SUMMARY_KEYS}
+    return table
+
+
+def summary_table(table, seeds) -> str:
+    """Markdown: the last evaluation of each arm, mean ± standard deviation over seeds."""
+    lines = [f"| arm | {' | '.join(SUMMARY_KEYS)} |", "|" + " --- |" * (len(SUMMARY_KEYS) + 1)]
+    for arm, series in table.items():
+        cells = [f"{series[k][:, -1].mean():.3f} ± {series[k][:, -1].std(ddof=1) if len(seeds) > 1 else 0:.3f}"
+                 for k in SUMMARY_KEYS]
+        lines.append(f"| {arm} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
+def plot(table, path):
+    """Win-rate against labels spent and against KL, gold against proxy reward over iterations, and length over
+    iterations: the mean over seeds with a band of one standard deviation."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
+    panels = [("labels", "win_rate"), ("kl", "win_rate"), ("iteration", "reward"), ("iteration", "length")]
+    for arm, series in table.items():
+        iterations = np.arange(series["win_rate"].shape[1])
+        for ax, (x_key, y_key) in zip(axes, panels):
+            x = iterations if x_key == "iteration" else series[x_key].mean(0)
+            y, spread = series[y_key].mean(0), series[y_key].std(0)
+            line, = ax.plot(x, y, marker="o", label=arm)
+            ax.fill_between(x, y - spread, y + spread, color=line.get_color(), alpha=0.15)
+            if y_key == "reward":  # the reward model's score beside the gold one: over-optimisation shows as parting
+                ax.plot(x, series["proxy_reward"].mean(0), ls="--", color=line.get_color())
+    titles = ["win-rate vs labels spent", "win-rate vs KL(pi || pi0)", "gold r* (solid) and proxy (dashed)",
+              "response length (tokens)"]
+    for ax, (x_key, y_key), title in zip(axes, panels, titles):
+        if x_key == "iteration":
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel(x_key)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arms", nargs="+", default=["offline", "random", "best-worst", "uncertainty"],
+                        help=f"arms to run: {', '.join(ARMS)}")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds (each its own pi0)")
+    parser.add_argument("--out", default="runs/experiments", help="folder for every run, the table and the figure")
+    parser.add_argument("iterate_flags", nargs="*", help="after --: iterate.py flags shared by every arm")
+    args = parser.parse_args(argv)
+    unknown = [arm for arm in args.arms if arm not in ARMS]
+    if unknown:
+        parser.error(f"--arms: unknown arm {unknown[0]!r}; choose from {', '.join(ARMS)}")
+    iterate.parse_args(args.iterate_flags)  # refuse bad shared flags before any run starts
+    run_arms(args.arms, args.seeds, args.out, args.iterate_flags)
+    table = collect(args.out, args.arms, args.seeds)
+    text = summary_table(table, args.seeds)
+    with open(os.path.join(args.out, "table.md"), "w") as f:
+        f.write(text + "\n")
+    plot(table, os.path.join(args.out, "figures.png"))
+    print(text)
+    return table
+
+
+if __name__ == "__main__":
+    main()

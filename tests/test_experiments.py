@@ -1,0 +1,29 @@
+"""Tests of experiments.py: arms share pi0 per seed, finished runs are reused, the table and figure are written."""
+import os
+
+import pytest
+
+import experiments
+
+TINY = ["--sft-examples", "500", "--sft-steps", "10", "--rm-labels", "16", "--rm-steps", "2", "--rm-refit-steps", "2",
+        "--iterations", "1", "--prompts-per-iter", "8", "--n", "2", "--eval-prompts", "16", "--max-new-tokens", "16"]
+
+
+def test_arms_share_pi0_and_runs_are_reused(tmp_path, capsys):
+    out = str(tmp_path)
+    table = experiments.main(["--arms", "best-worst", "offline", "--seeds", "0", "1", "--out", out, "--"] + TINY)
+    assert set(table) == {"best-worst", "offline"}
+    assert table["offline"]["win_rate"].shape == (2, 2)  # [seeds, evaluations]
+    # within a seed both arms start from the same pi0: their iteration-0 evaluations are identical
+    assert (table["offline"]["win_rate"][:, 0] == table["best-worst"]["win_rate"][:, 0]).all()
+    assert os.path.getsize(os.path.join(out, "figures.png")) > 0
+    assert "| offline |" in open(os.path.join(out, "table.md")).read()
+    capsys.readouterr()
+    experiments.main(["--arms", "offline", "--seeds", "0", "--out", out, "--"] + TINY)
+    assert "offline seed 0: reusing" in capsys.readouterr().out
+
+
+def test_unknown_arm_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        experiments.main(["--arms", "online-magic"])
+    assert "unknown arm 'online-magic'" in capsys.readouterr().err
