@@ -284,7 +284,8 @@ def uncertainty_pairs(scores, features, texts, sigma):
 def feature_covariance(rm, pairs, lam):
     """Sigma = lambda*I + sum over labelled pairs of d d^T, d = phi(chosen) - phi(rejected), with today's phi."""
     prompts = [p for p, _, _ in pairs]
-    d = reward.embed(rm, prompts, [c for _, c, _ in pairs]) - reward.embed(rm, prompts, [r for _, _, r in pairs])
+    phi = reward.embed(rm, prompts + prompts, [c for _, c, _ in pairs] + [r for _, _, r in pairs])  # [2N, C]
+    d = phi[:len(pairs)] - phi[len(pairs):]                                       # [N, C]
     return lam * torch.eye(d.shape[1]) + d.T @ d                                  # [C, C]
 
 
@@ -313,11 +314,14 @@ def make_pairs(rule, policy_for_samples, rm, prompts, prompt_tokens, labelled, a
 
 def label_pairs(pairs, labeler, oracle, rng):
     """(prompt tokens, chosen, rejected) triples: the oracle draws y ~ Bernoulli(P(main > enhancer)) (one query
-    each), or the reward model prefers its higher-scored side (no query; ties were dropped already)."""
+    each), or the reward model prefers its higher-scored side (no query; a pair it scores equal says nothing and
+    is dropped, as best-worst drops it, whatever the pair rule)."""
     labelled = []
     for prompt, prompt_tokens, main, main_text, enhancer, enhancer_text, main_score, enhancer_score in pairs:
         if labeler == "oracle":
             main_wins = oracle.label(prompt, main_text, enhancer_text, rng)
+        elif main_score == enhancer_score:
+            continue
         else:
             main_wins = main_score > enhancer_score
         labelled.append((prompt_tokens, main, enhancer) if main_wins else (prompt_tokens, enhancer, main))

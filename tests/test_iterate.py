@@ -163,3 +163,9 @@ def test_loop_runs_from_a_llama_folder_with_lora_and_a_prompt_file(tmp_path):
     before, after = start.state_dict(), trained.state_dict()
     assert torch.equal(before["tok_embeddings.weight"], after["tok_embeddings.weight"])  # LoRA left it alone
     assert not torch.equal(before["layers.0.attention.wq.weight"], after["layers.0.attention.wq.weight"])  # merged
+
+
+def test_reward_model_labels_drop_equal_scores():
+    # with --labeler rm a pair the reward model scores equal carries no preference: dropped, never labelled
+    pairs = [("x", [1], [2], "a", [3], "b", 0.5, 0.5), ("x", [1], [4], "c", [5], "d", 0.2, 0.7)]
+    assert iterate.label_pairs(pairs, "rm", Oracle(), None) == [([1], [5], [4])]
