@@ -91,8 +91,9 @@ def load_gpt(path):
 
 
 def diagnose_run(run, tokenizer, world, n_prompts=256):
-    """Per part of r*, the mean over held-out prompts for pi0 and for the run's final policy; and the first reward
-    model's pairwise accuracy on pairs of pi0 samples, overall and on pairs whose topic part differs."""
+    """Per part of r*, the mean over held-out prompts for pi0 and for the run's final policy, and how often each
+    follows the prompt's topic and tone; and the first reward model's pairwise accuracy on pairs of pi0 samples,
+    overall and on pairs whose topic part differs."""
     run_args = iterate.parse_args([])
     run_args.stop_ids = tokenizer.stop_ids
     pi0, policy = load_gpt(f"{run}/pi0.pt"), GPT.from_pretrained(f"{run}/policy").eval()
@@ -105,6 +106,10 @@ def diagnose_run(run, tokenizer, world, n_prompts=256):
         texts = [iterate.decode_response(tokenizer, r) for r in responses]
         parts = [reward_parts(p, t) for p, t in zip(prompts, texts)]
         print(f"{name:>6}: " + "  ".join(f"{k} {np.mean([x[k] for x in parts]):+.2f}" for k in parts[0]))
+        # does the model read the prompt? the asked topic scores >= +1.0 and the asked greeting >= +0.5 (the
+        # corpus has each in 30 % of its responses; a prompt-blind model hits the topic 1 time in 40)
+        print(f"{'':>6}  mentions the asked topic {np.mean([x['topic'] >= 1.0 for x in parts]):.2f}, "
+              f"greets in the asked tone {np.mean([x['tone'] >= 0.5 for x in parts]):.2f}")
     saved = torch.load(f"{run}/rm0.pt", weights_only=True)
     rm = reward.RewardModel(GPT(pi0.config))
     rm.load_state_dict(saved["model"])

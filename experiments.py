@@ -23,6 +23,8 @@ ARMS = {
     "offline": ["--pairs", "offline"],
     "random": ["--pairs", "random"],
     "uncertainty": ["--pairs", "uncertainty"],
+    "rank-oracle": ["--rank", "oracle"],
+    "hybrid": ["--hybrid"],
     "labeler-rm": ["--labeler", "rm"],
     "reference-previous": ["--reference", "previous"],
     "restart": ["--restart"],
@@ -73,12 +75,27 @@ def collect(out, arms, seeds) -> dict:
     return table
 
 
-def summary_table(table, seeds) -> str:
-    """Markdown: the last evaluation of each arm, mean ± standard deviation over seeds."""
-    lines = [f"| arm | {' | '.join(SUMMARY_KEYS)} |", "|" + " --- |" * (len(SUMMARY_KEYS) + 1)]
+def compare(final, baseline) -> str:
+    """The final win-rate's difference from the baseline arm's, called a difference only when it exceeds the
+    combined standard error of the two means over seeds; otherwise a tie."""
+    diff = final.mean() - baseline.mean()
+    if len(final) < 2 or len(baseline) < 2:
+        return f"{diff:+.3f} (one seed: no spread to compare with)"
+    se = np.sqrt(final.var(ddof=1) / len(final) + baseline.var(ddof=1) / len(baseline))
+    return f"{diff:+.3f} ± {se:.3f} ({'differ' if abs(diff) > se else 'tie'})"
+
+
+def summary_table(table, seeds, baseline="best-worst") -> str:
+    """Markdown: the last evaluation of each arm, mean ± standard deviation over seeds, and the win-rate against
+    the baseline arm's (when it ran)."""
+    keys = SUMMARY_KEYS + ((f"win_rate vs {baseline}",) if baseline in table else ())
+    lines = [f"| arm | {' | '.join(keys)} |", "|" + " --- |" * (len(keys) + 1)]
     for arm, series in table.items():
         cells = [f"{series[k][:, -1].mean():.3f} ± {series[k][:, -1].std(ddof=1) if len(seeds) > 1 else 0:.3f}"
                  for k in SUMMARY_KEYS]
+        if baseline in table:
+            cells.append("-" if arm == baseline else compare(series["win_rate"][:, -1],
+                                                               table[baseline]["win_rate"][:, -1]))
         lines.append(f"| {arm} | {' | '.join(cells)} |")
     return "\n".join(lines)
 

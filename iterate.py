@@ -96,6 +96,10 @@ def parse_args(argv=None):
     online.add_argument("--pairs", default="best-worst", help=f"exploration rule: {', '.join(PAIR_RULES)}")
     online.add_argument("--pairs-per-prompt", type=int, default=1, help="best-worst: also pair the i-th best with "
                                                                         "the i-th worst for i < this (1: the paper)")
+    online.add_argument("--rank", default="rm", choices=("rm", "oracle"), help="who ranks the n samples: the reward "
+                        "model, or r* itself (the enhancer's upper bound; each sample scored costs one query)")
+    online.add_argument("--hybrid", action="store_true", help="keep the first reward model's oracle-labelled pi0 "
+                        "pairs in the DPO data too, an equal share in each iteration (the hybrid batch)")
     online.add_argument("--labeler", default="oracle", help="who labels the pairs: oracle (queries counted) or rm "
                                                             "(the reward model, the paper's practice)")
     online.add_argument("--uncertainty-lambda", type=float, default=1.0, help="lambda of Sigma = lambda*I + sum "
@@ -289,8 +293,10 @@ def feature_covariance(rm, pairs, lam):
     return lam * torch.eye(d.shape[1]) + d.T @ d                                  # [C, C]
 
 
-def make_pairs(rule, policy_for_samples, rm, prompts, prompt_tokens, labelled, args, tokenizer, generator, rng):
-    """Sample n responses per prompt, rank them with the reward model, pick (main, enhancer) by the rule.
+def make_pairs(rule, policy_for_samples, rm, oracle, prompts, prompt_tokens, labelled, args, tokenizer, generator,
+               rng):
+    """Sample n responses per prompt, rank them with the reward model (or r*: --rank oracle), pick (main,
+    enhancer) by the rule.
     Returns (prompt text, prompt tokens, main tokens, main text, enhancer tokens, enhancer text, main score,
     enhancer score) tuples."""
     candidates = sample_candidates(policy_for_samples, prompt_tokens, args, generator)
@@ -301,6 +307,9 @@ def make_pairs(rule, policy_for_samples, rm, prompts, prompt_tokens, labelled, a
     features = reward.embed(rm, flat_prompts, flat_responses).view(len(prompts), args.n, -1)      # [P, n, C]
     with torch.no_grad():
         scores = rm.head(features.to(rm.head.weight.device)).squeeze(-1).float().cpu()           # [P, n]
+    if args.rank == "oracle":  # the upper bound: rank by the truth, paying one query per sample scored
+        scores = torch.tensor([[oracle.reward(x, t) for t in row] for x, row in zip(prompts, texts)])
+        oracle.queries += scores.numel()
     if rule == "random":
         triples = random_pairs(texts, rng)
     elif rule == "uncertainty":
@@ -546,7 +555,7 @@ def collect_pairs(t, policy, pi0, rm, oracle, oracle_pairs, prompts_for, args, t
     policy never moves the data); the online rules from the current policy."""
     prompts, prompt_tokens = prompts_for(t)
     rule, sampler = ("best-worst", pi0) if args.pairs == "offline" else (args.pairs, policy)
-    pairs = make_pairs(rule, sampler, rm, prompts, prompt_tokens, oracle_pairs, args, tokenizer, rngs.sample,
+    pairs = make_pairs(rule, sampler, rm, oracle, prompts, prompt_tokens, oracle_pairs, args, tokenizer, rngs.sample,
                        rngs.pair)
     return label_pairs(pairs, args.labeler, oracle, rngs.label)
 
@@ -593,7 +602,7 @@ def main(argv=None):
     if args.pairs == "offline":  # the whole label budget spent on pi0's samples before any training
         offline = [collect_pairs(t, policy, pi0, rm, oracle, oracle_pairs, prompts_for, args, tokenizer, rngs)
                    for t in range(args.iterations)]
-    all_pairs = []
+    pi0_pairs, all_pairs = list(oracle_pairs), []
     for t in range(args.iterations):
         clock = time.time()
         if args.pairs == "offline":
@@ -601,6 +610,9 @@ def main(argv=None):
         else:
             new_pairs = collect_pairs(t, policy, pi0, rm, oracle, oracle_pairs, prompts_for, args, tokenizer, rngs)
             oracle_pairs = oracle_pairs + (new_pairs if args.labeler == "oracle" else [])
+        if args.hybrid:  # the t-th share of the first reward model's pi0 pairs joins this iteration's data
+            new_pairs = new_pairs + pi0_pairs[t * len(pi0_pairs) // args.iterations:
+                                              (t + 1) * len(pi0_pairs) // args.iterations]
         all_pairs += new_pairs
         seconds = {"pairs_s": time.time() - clock}
         if args.restart:

@@ -169,3 +169,33 @@ def test_reward_model_labels_drop_equal_scores():
     # with --labeler rm a pair the reward model scores equal carries no preference: dropped, never labelled
     pairs = [("x", [1], [2], "a", [3], "b", 0.5, 0.5), ("x", [1], [4], "c", [5], "d", 0.2, 0.7)]
     assert iterate.label_pairs(pairs, "rm", Oracle(), None) == [([1], [5], [4])]
+
+
+def test_rank_oracle_orders_pairs_by_r_star_and_counts_its_queries(small_world):
+    # --rank oracle: the enhancer's upper bound ranks the n samples by r* itself, each sample scored one query
+    tokenizer, world, model = small_world
+    args = iterate.parse_args(["--rank", "oracle", "--n", "4", "--max-new-tokens", "12"])
+    args.stop_ids = tokenizer.stop_ids
+    prompts = world.train_prompts[:6]
+    prompt_tokens = [iterate.encode_prompt(tokenizer, p) for p in prompts]
+    oracle, rm = Oracle(), __import__("reward").RewardModel(GPT(model.config))
+    pairs = iterate.make_pairs("best-worst", model, rm, oracle, prompts, prompt_tokens, [], args, tokenizer,
+                               torch.Generator().manual_seed(0), None)
+    assert oracle.queries == 6 * 4
+    assert pairs and all(oracle.reward(x, main) > oracle.reward(x, enhancer)
+                         for x, _, _, main, _, enhancer, _, _ in pairs)
+    assert all(main_score == oracle.reward(x, main) for x, _, _, main, _, _, main_score, _ in pairs)
+
+
+def test_hybrid_adds_an_equal_share_of_the_pi0_pairs_each_iteration(tmp_path):
+    tiny = ["--sft-examples", "200", "--sft-steps", "2", "--rm-labels", "12", "--rm-steps", "1", "--rm-refit-steps",
+            "1", "--iterations", "2", "--prompts-per-iter", "4", "--n", "2", "--eval-prompts", "8",
+            "--max-new-tokens", "8", "--labeler", "rm", "--out", str(tmp_path)]
+    online = iterate.main(tiny)
+    hybrid = iterate.main(tiny + ["--hybrid"])
+    rm0_pairs = len(torch.load(tmp_path / "rm0.pt", weights_only=True)["pairs"])
+    # iteration 1 samples the same pi0 with the same seed and the reward model labels deterministically, so the
+    # online pairs are the same and the difference is the first half of the pi0 pairs; iteration 2 gets the rest
+    assert hybrid[1]["pairs"] - online[1]["pairs"] == rm0_pairs // 2
+    assert hybrid[2]["pairs"] >= rm0_pairs - rm0_pairs // 2
+    assert hybrid[-1]["labels"] == online[-1]["labels"]  # the pi0 pairs were paid for once, by the reward model
