@@ -363,7 +363,8 @@ def make_reward_model(pi0, world, oracle, tokenizer, args, device, cache_dir):
              for p, pt, a, b in zip(prompts, prompt_tokens, first, second) if a != b]
     labelled = label_pairs(pairs, "oracle", oracle, np.random.default_rng(args.seed + 1))
     fit_reward_model(rm, labelled, args, device, args.rm_steps)
-    torch.save({"key": key, "model": rm.state_dict(), "pairs": labelled, "queries": oracle.queries}, path)
+    # one query per labelled pair (the caller's oracle may have answered others before)
+    torch.save({"key": key, "model": rm.state_dict(), "pairs": labelled, "queries": len(labelled)}, path)
     return rm.eval(), labelled
 
 
