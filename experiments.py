@@ -4,9 +4,14 @@ budget, over several seeds, then one table and one figure.
 
 Every arm is `iterate.py` itself with one setting changed (the table ARMS below), so the arms share every other
 hyperparameter and the same code path. Within a seed the arms share the cache folder, so they start from the same
-pi0 and the same first reward model.
+pi0 and the same first reward model. The label budget is the same for every arm except `rank-oracle`, which pays one
+query per sample it ranks (the upper bound of the enhancer, its cost counted), and `labeler-rm`, which spends none
+after the first reward model's.
 
-    python experiments.py --arms offline best-worst uncertainty --seeds 0 1 2
+The table's last column compares each arm's final win-rate with `best-worst` (the default of iterate.py): a
+difference counts only when it exceeds the combined standard error of the two means over seeds; else it is a tie.
+
+    python experiments.py --arms offline best-worst uncertainty --seeds 0 1 2    # runs/experiments/results.{md,png}
     python experiments.py --arms offline best-worst -- --iterations 5      # after --: iterate.py flags for all arms
 """
 import argparse
@@ -138,6 +143,7 @@ def main(argv=None):
                         help=f"arms to run: {', '.join(ARMS)}")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds (each its own pi0)")
     parser.add_argument("--out", default="runs/experiments", help="folder for every run, the table and the figure")
+    parser.add_argument("--name", default="results", help="the table and figure go to OUT/NAME.md and OUT/NAME.png")
     parser.add_argument("iterate_flags", nargs="*", help="after --: iterate.py flags shared by every arm")
     args = parser.parse_args(argv)
     unknown = [arm for arm in args.arms if arm not in ARMS]
@@ -147,9 +153,9 @@ def main(argv=None):
     run_arms(args.arms, args.seeds, args.out, args.iterate_flags)
     table = collect(args.out, args.arms, args.seeds)
     text = summary_table(table, args.seeds)
-    with open(os.path.join(args.out, "table.md"), "w") as f:
+    with open(os.path.join(args.out, f"{args.name}.md"), "w") as f:
         f.write(text + "\n")
-    plot(table, os.path.join(args.out, "figures.png"))
+    plot(table, os.path.join(args.out, f"{args.name}.png"))
     print(text)
     return table
 

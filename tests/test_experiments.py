@@ -16,8 +16,8 @@ def test_arms_share_pi0_and_runs_are_reused(tmp_path, capsys):
     assert table["offline"]["win_rate"].shape == (2, 2)  # [seeds, evaluations]
     # within a seed both arms start from the same pi0: their iteration-0 evaluations are identical
     assert (table["offline"]["win_rate"][:, 0] == table["best-worst"]["win_rate"][:, 0]).all()
-    assert os.path.getsize(os.path.join(out, "figures.png")) > 0
-    assert "| offline |" in open(os.path.join(out, "table.md")).read()
+    assert os.path.getsize(os.path.join(out, "results.png")) > 0
+    assert "| offline |" in open(os.path.join(out, "results.md")).read()
     capsys.readouterr()
     experiments.main(["--arms", "offline", "--seeds", "0", "--out", out, "--"] + TINY)
     assert "offline seed 0: reusing" in capsys.readouterr().out
