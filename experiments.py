@@ -37,6 +37,7 @@ ARMS = {
     "n4": ["--n", "4"],
 }
 SUMMARY_KEYS = ("win_rate", "kl", "reward", "proxy_reward", "length", "labels")
+DIGITS = {"kl": 2, "reward": 2, "proxy_reward": 2, "length": 1, "labels": 0}  # decimals shown; 3 otherwise
 
 
 def run_arms(arms, seeds, out, shared_flags):
@@ -96,8 +97,8 @@ def summary_table(table, seeds, baseline="best-worst") -> str:
     keys = SUMMARY_KEYS + ((f"win_rate vs {baseline}",) if baseline in table else ())
     lines = [f"| arm | {' | '.join(keys)} |", "|" + " --- |" * (len(keys) + 1)]
     for arm, series in table.items():
-        cells = [f"{series[k][:, -1].mean():.3f} ± {series[k][:, -1].std(ddof=1) if len(seeds) > 1 else 0:.3f}"
-                 for k in SUMMARY_KEYS]
+        cells = [f"{series[k][:, -1].mean():.{DIGITS.get(k, 3)}f} ± "
+                 f"{series[k][:, -1].std(ddof=1) if len(seeds) > 1 else 0:.{DIGITS.get(k, 3)}f}" for k in SUMMARY_KEYS]
         if baseline in table:
             cells.append("-" if arm == baseline else compare(series["win_rate"][:, -1],
                                                                table[baseline]["win_rate"][:, -1]))
