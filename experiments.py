@@ -55,7 +55,7 @@ def run_arms(arms, seeds, out, shared_flags):
 
 
 def finished(folder, argv) -> bool:
-    """True when the folder holds a complete run made with exactly these settings."""
+    """True when the folder holds a complete run made with exactly these settings (its paths aside)."""
     try:
         with open(os.path.join(folder, "config.json")) as f:
             config = json.load(f)
@@ -63,7 +63,9 @@ def finished(folder, argv) -> bool:
     except (FileNotFoundError, json.JSONDecodeError):
         return False
     wanted = vars(iterate.parse_args(argv))
-    return config == wanted and len(rows) == wanted["iterations"] + 1
+    # where a run lives is not how it ran: a moved folder still counts
+    settings = lambda c: {k: v for k, v in c.items() if k not in ("out", "cache")}
+    return settings(config) == settings(wanted) and len(rows) == wanted["iterations"] + 1
 
 
 def read_metrics(folder) -> list[dict]:
