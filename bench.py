@@ -93,7 +93,7 @@ def load_gpt(path):
 def diagnose_run(run, tokenizer, world, n_prompts=256):
     """Per part of r*, the mean over held-out prompts for pi0 and for the run's final policy, and how often each
     follows the prompt's topic and tone; and the first reward model's pairwise accuracy on pairs of pi0 samples,
-    overall and on pairs whose topic part differs."""
+    overall and on the pairs whose topic part, or tone part, differs."""
     run_args = iterate.parse_args([])
     run_args.stop_ids = tokenizer.stop_ids
     pi0, policy = load_gpt(f"{run}/pi0.pt"), GPT.from_pretrained(f"{run}/policy").eval()
@@ -115,14 +115,18 @@ def diagnose_run(run, tokenizer, world, n_prompts=256):
     rm.load_state_dict(saved["model"])
     second = iterate.sample(pi0, prompt_tokens, 1.0, run_args, torch.Generator().manual_seed(1))
     first_texts, second_texts = ([iterate.decode_response(tokenizer, r) for r in rs] for rs in (samples["pi0"], second))
-    gold = np.array([[reward_parts(p, t)["topic"], sum(reward_parts(p, t).values())]
-                     for texts in (first_texts, second_texts) for p, t in zip(prompts, texts)]).reshape(2, -1, 2)
+    keys = ("total", "topic", "tone")
+    gold = np.array([[sum(parts.values()), parts["topic"], parts["tone"]]
+                     for texts in (first_texts, second_texts) for parts in
+                     (reward_parts(p, t) for p, t in zip(prompts, texts))]).reshape(2, -1, len(keys))
     proxy = [reward.score(rm.eval(), prompt_tokens, rs).numpy() for rs in (samples["pi0"], second)]
-    agree = (proxy[0] > proxy[1]) == (gold[0, :, 1] > gold[1, :, 1])
-    topic_agree = (proxy[0] > proxy[1]) == (gold[0, :, 0] > gold[1, :, 0])
-    decided, topic_decided = gold[0, :, 1] != gold[1, :, 1], gold[0, :, 0] != gold[1, :, 0]
-    print(f"first reward model on pi0 pairs: accuracy {agree[decided].mean():.2f} ({decided.sum()} pairs), "
-          f"on the topic part alone {topic_agree[topic_decided].mean():.2f} ({topic_decided.sum()} pairs)")
+    # on the pairs where that part of r* differs, does the reward model order them as the part does?
+    accuracies = []
+    for k, key in enumerate(keys):
+        decided = gold[0, :, k] != gold[1, :, k]
+        agree = (proxy[0] > proxy[1]) == (gold[0, :, k] > gold[1, :, k])
+        accuracies.append(f"{key} {agree[decided].mean():.2f} ({decided.sum()} pairs)")
+    print("first reward model on pairs of pi0 samples, accuracy by " + ", ".join(accuracies))
 
 
 def main():
