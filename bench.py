@@ -21,7 +21,6 @@ import iterate
 import reward
 from model import GPT, GPTConfig
 from oracle import REWARD_MAX, Oracle, World, reward_parts
-from tokenizer import Tokenizer
 
 
 def training_speed(config, batch=16, length=128, steps=10):
@@ -135,7 +134,7 @@ def main():
     parser.add_argument("--run", default=None, help="a finished run folder of iterate.py to diagnose instead")
     args = parser.parse_args()
     torch.manual_seed(0)
-    tokenizer, world = Tokenizer(), World(seed=0)
+    tokenizer, world = iterate.world_tokenizer(), World(seed=0)
     if args.run:
         return diagnose_run(args.run, tokenizer, world)
     config = GPTConfig.preset("tiny", vocab_size=tokenizer.n_vocab)

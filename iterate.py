@@ -77,25 +77,27 @@ def parse_args(argv=None):
                                                                   "seed reproduces pi0)")
     world.add_argument("--sft-batch", type=int, default=16, help="SFT batch size")
     world.add_argument("--sft-lr", type=float, default=4e-3, help="SFT peak learning rate")
-    world.add_argument("--max-new-tokens", type=int, default=96, help="cap on sampled response tokens")
+    world.add_argument("--max-new-tokens", type=int, default=28, help="cap on sampled response tokens (28 words "
+                       "cut the corpus's rambles, 13 %% of its responses)")
     rm = parser.add_argument_group("reward model")
     rm.add_argument("--rm-labels", type=int, default=1024, help="oracle-labelled pi0 pairs for the first reward "
                                                                 "model (L0; counted in labels spent)")
-    rm.add_argument("--rm-steps", type=int, default=60, help="reward-model steps per fit")
+    rm.add_argument("--rm-steps", type=int, default=150, help="reward-model steps per fit")
     rm.add_argument("--rm-refit-steps", type=int, default=30, help="steps of each per-iteration refit (continues "
                                                                     "from the previous reward model)")
     rm.add_argument("--rm-batch", type=int, default=32, help="reward-model batch size (pairs)")
-    rm.add_argument("--rm-trainable-layers", type=int, default=2, help="top blocks of the pi0 backbone the "
+    rm.add_argument("--rm-trainable-layers", type=int, default=-1, help="top blocks of the pi0 backbone the "
                                                                           "reward model fine-tunes (-1: all)")
     rm.add_argument("--rm-lr", type=float, default=1e-3, help="reward-model peak learning rate")
     online = parser.add_argument_group("online loop")
-    online.add_argument("--iterations", type=int, default=3, help="T, the number of online iterations")
+    online.add_argument("--iterations", type=int, default=5, help="T, the number of online iterations")
     online.add_argument("--prompts-per-iter", type=int, default=192, help="m, prompts (so at most m pairs) per "
                                                                          "iteration")
     online.add_argument("--n", type=int, default=8, help="samples per prompt (half at temperature 1.0, half 0.7)")
     online.add_argument("--pairs", default="best-worst", help=f"exploration rule: {', '.join(PAIR_RULES)}")
-    online.add_argument("--pairs-per-prompt", type=int, default=1, help="best-worst: also pair the i-th best with "
-                                                                        "the i-th worst for i < this (1: the paper)")
+    online.add_argument("--pairs-per-prompt", type=int, default=2, help="k, labelled pairs per prompt, at most n/2 "
+                        "(best-worst: the i-th best against the i-th worst for i < k; random: k disjoint pairs; "
+                        "uncertainty: the best against the k most uncertain; the paper: 1)")
     online.add_argument("--rank", default="rm", choices=("rm", "oracle"), help="who ranks the n samples: the reward "
                         "model, or r* itself (the enhancer's upper bound; each sample scored costs one query)")
     online.add_argument("--hybrid", action="store_true", help="keep the first reward model's oracle-labelled pi0 "
@@ -127,6 +129,8 @@ def parse_args(argv=None):
         parser.error(f"--labeler: unknown labeler {args.labeler!r}; choose one of {', '.join(LABELERS)}")
     if args.n < 2:
         parser.error(f"--n must be at least 2 to form a pair, got {args.n}")
+    if args.pairs_per_prompt < 1:
+        parser.error(f"--pairs-per-prompt must be at least 1, got {args.pairs_per_prompt}")
     if args.lora and args.restart:
         parser.error("--restart with --lora is not supported: the adapters are the policy's only trained weights")
     return args
@@ -202,14 +206,22 @@ def load_cached(path, key, what):
     return saved
 
 
-def pi0_key(args) -> dict:
+def pi0_key(args, tokenizer) -> dict:
     """The settings pi0 depends on: a cached pi0 is reused only when all of them match."""
-    return {k: getattr(args, k) for k in ("seed", "preset", "sft_examples", "sft_steps", "sft_batch", "sft_lr",
-                                          "max_new_tokens")}
+    settings = ("seed", "preset", "sft_examples", "sft_steps", "sft_batch", "sft_lr", "max_new_tokens")
+    return {"tokenizer": f"{tokenizer.model.name}, {tokenizer.n_vocab} ids", **{k: getattr(args, k) for k in settings}}
+
+
+def world_tokenizer() -> Tokenizer:
+    """The synthetic world's word-level tokenizer, fit on every prompt as encode_prompt writes it and on 2000
+    corpus responses (the same for every seed: the phrase book is fixed, and 2000 responses hold all its words)."""
+    world = World(seed=0)
+    texts = [prompt + "\n" for prompt in world.prompts] + [response for _, response in world.sft_corpus(2000, seed=0)]
+    return Tokenizer.from_texts(texts, name="world words")
 
 
 def make_pi0(world, tokenizer, args, device, cache_dir):
-    key = pi0_key(args)
+    key = pi0_key(args, tokenizer)
     path = os.path.join(cache_dir, "pi0.pt")
     torch.manual_seed(args.seed)
     saved = load_cached(path, key, "pi0")
@@ -262,27 +274,27 @@ def best_worst_pairs(scores, texts, per_prompt: int = 1):
     return triples
 
 
-def random_pairs(texts, rng):
-    """Two distinct samples per prompt, no ranking: plain online DPO. Identical texts are dropped."""
+def random_pairs(texts, rng, per_prompt: int = 1):
+    """Disjoint pairs of distinct samples per prompt (per_prompt of them, at most n // 2), no ranking: plain
+    online DPO. Identical texts are dropped."""
     triples = []
     for p, row in enumerate(texts):
-        i, j = rng.sample(range(len(row)), 2)
-        if row[i] != row[j]:
-            triples.append((p, i, j))
+        picks = rng.sample(range(len(row)), 2 * min(per_prompt, len(row) // 2))
+        triples += [(p, i, j) for i, j in zip(picks[::2], picks[1::2]) if row[i] != row[j]]
     return triples
 
 
-def uncertainty_pairs(scores, features, texts, sigma):
+def uncertainty_pairs(scores, features, texts, sigma, per_prompt: int = 1):
     """The theory's enhancer (Algorithm 1): main = the reward model's best sample (exploit); enhancer = the sample
     that maximises the uncertainty of the pair, ||phi(main) - phi(a)||_{Sigma^-1} (explore), with
-    Sigma = lambda*I + sum over labelled pairs of (phi_w - phi_l)(phi_w - phi_l)^T.
-    scores: [P, n]; features: [P, n, C]; sigma: [C, C]."""
+    Sigma = lambda*I + sum over labelled pairs of (phi_w - phi_l)(phi_w - phi_l)^T; with per_prompt k > 1 the
+    main sample against each of the k most uncertain ones. scores: [P, n]; features: [P, n, C]; sigma: [C, C]."""
     best = scores.argmax(1)                                                       # [P]
     diff = features[torch.arange(len(texts)), best][:, None, :] - features        # [P, n, C]
     uncertainty = torch.einsum("pnc,cd,pnd->pn", diff, torch.linalg.inv(sigma), diff)  # squared norms [P, n]
-    enhancer = uncertainty.argmax(1)
-    return [(p, int(best[p]), int(enhancer[p])) for p in range(len(texts))
-            if uncertainty[p, enhancer[p]] > 0 and texts[p][best[p]] != texts[p][enhancer[p]]]
+    enhancers = uncertainty.argsort(1, descending=True)[:, :min(per_prompt, scores.shape[1] // 2)]  # [P, k]
+    return [(p, int(best[p]), int(e)) for p in range(len(texts)) for e in enhancers[p]
+            if uncertainty[p, e] > 0 and texts[p][best[p]] != texts[p][e]]
 
 
 def feature_covariance(rm, pairs, lam):
@@ -311,10 +323,10 @@ def make_pairs(rule, policy_for_samples, rm, oracle, prompts, prompt_tokens, lab
         scores = torch.tensor([[oracle.reward(x, t) for t in row] for x, row in zip(prompts, texts)])
         oracle.queries += scores.numel()
     if rule == "random":
-        triples = random_pairs(texts, rng)
+        triples = random_pairs(texts, rng, args.pairs_per_prompt)
     elif rule == "uncertainty":
         sigma = feature_covariance(rm, labelled, args.uncertainty_lambda)
-        triples = uncertainty_pairs(scores, features, texts, sigma)
+        triples = uncertainty_pairs(scores, features, texts, sigma, args.pairs_per_prompt)
     else:  # best-worst, and offline, which ranks pi0's samples the same way
         triples = best_worst_pairs(scores, texts, args.pairs_per_prompt)
     return [(prompts[p], prompt_tokens[p], candidates[p][i], texts[p][i], candidates[p][j], texts[p][j],
@@ -345,7 +357,7 @@ def make_reward_model(pi0, world, oracle, tokenizer, args, device, cache_dir):
     prompts). Cached with its labelled pairs, which every later refit reuses."""
     settings = ("init", "prompts", "chat", "rm_labels", "rm_steps", "rm_batch", "rm_lr", "rm_trainable_layers",
                 "max_new_tokens")
-    key = {"pi0": pi0_key(args), **{k: getattr(args, k) for k in settings}}
+    key = {"pi0": pi0_key(args, tokenizer), **{k: getattr(args, k) for k in settings}}
     path = os.path.join(cache_dir, "rm0.pt")
     trainable = None if args.rm_trainable_layers < 0 else args.rm_trainable_layers
     rm = reward.RewardModel(copy.deepcopy(pi0), trainable).to(device)
@@ -482,7 +494,7 @@ def load_start(args, device, cache_dir):
     world = World(seed=args.seed)
     prompt_source = world if args.prompts is None else file_prompts(args.prompts, args.eval_prompts, args.seed)
     if args.init is None:
-        tokenizer = Tokenizer()
+        tokenizer = world_tokenizer()
         return tokenizer, prompt_source, make_pi0(world, tokenizer, args, device, cache_dir)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(args.dtype)
     if dtype is None:

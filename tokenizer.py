@@ -1,12 +1,15 @@
 """
 Tokenizer: text <-> token ids, on top of tiktoken.
 
-Owns three things:
-1. The default: an offline byte-level encoding built in code (256 byte tokens, no merges, 3 special tokens),
-   so the small synthetic world needs no file and no network and round-trips any text.
-2. The Llama 3 `tokenizer.model` format (a tiktoken rank file, parsed here) and, as a fallback, a Hugging Face
+Owns four things:
+1. The fallback: an offline byte-level encoding built in code (256 byte tokens, no merges, 3 special tokens),
+   so any text round-trips with no file and no network.
+2. A word-level vocabulary fit on a corpus (`from_texts`): the byte tokens plus one token per distinct word the
+   corpus holds. The synthetic world uses it: a topic word is one token, so copying it from the prompt is one
+   attention lookup, and sequences are about 3.5x shorter than in bytes. Any other text still round-trips.
+3. The Llama 3 `tokenizer.model` format (a tiktoken rank file, parsed here) and, as a fallback, a Hugging Face
    `tokenizer.json` of the same byte-level vocabulary.
-3. The Llama 3 chat format and its stop tokens.
+4. The Llama 3 chat format and its stop tokens.
 
 Simplifications: encode() always treats its input as ordinary text (a prompt that spells "<|eot_id|>" cannot
 inject a special token; special ids only come from bos/eos flags and encode_chat); no chunking of very long
@@ -20,6 +23,7 @@ import binascii
 import json
 import os
 
+import regex
 import tiktoken
 
 # Meta's split regex for Llama 3 (llama_models/llama3/tokenizer.py)
@@ -103,7 +107,8 @@ def load_hf_json(path):
 
 class Tokenizer:
     """tiktoken BPE plus the ids callers need: n_vocab, bos_id, eos_id, pad_id, stop_ids (generation ends at any
-    of them), special_ids. Tokenizer() is the offline byte-level default; from_pretrained loads Llama 3."""
+    of them), special_ids. Tokenizer() is bytes only; from_texts fits words on a corpus; from_pretrained loads
+    Llama 3."""
 
     def __init__(self, mergeable_ranks=None, special_tokens=None, pat_str=r"[\s\S]", name="bytes"):
         if mergeable_ranks is None:
@@ -131,6 +136,24 @@ class Tokenizer:
         # generation ends at end_of_text, or at eot_id for chat (Meta also stops at eom_id, a tool-call pause)
         self.stop_ids = tuple(special_tokens[t] for t in ("<|end_of_text|>", "<|eot_id|>") if t in special_tokens)
         self.special_ids = set(special_tokens.values())
+
+    @classmethod
+    def from_texts(cls, texts, name="words"):
+        """Byte tokens plus one token per distinct pre-token (a word with its leading space, as Llama 3's split
+        pattern cuts them) found in `texts`.
+
+        tiktoken's BPE merges any two adjacent parts whose concatenation is a token, lowest rank first. Every prefix
+        of every word is a token, so the part that starts a word can always absorb its right neighbour: a word seen
+        in `texts` always ends as exactly one token, and an unseen one (a misspelling) falls back to shorter pieces.
+        """
+        split = regex.compile(LLAMA3_PATTERN)
+        words = sorted({piece.encode() for text in texts for piece in split.findall(text)})
+        ranks = {bytes([i]): i for i in range(256)}
+        for word in words:
+            for end in range(2, len(word) + 1):
+                ranks.setdefault(word[:end], len(ranks))
+        specials = {t: len(ranks) + i for i, t in enumerate(("<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"))}
+        return cls(ranks, specials, pat_str=LLAMA3_PATTERN, name=name)
 
     @classmethod
     def from_pretrained(cls, path):

@@ -7,19 +7,28 @@ import torch
 import iterate
 from model import GPT, GPTConfig
 from oracle import Oracle, World
-from tokenizer import Tokenizer
+from tokenizer import LLAMA3_PATTERN, Tokenizer
 
 MICRO = ["--sft-examples", "3000", "--sft-steps", "100", "--rm-labels", "64", "--rm-steps", "20",
          "--rm-refit-steps", "5", "--iterations", "3", "--prompts-per-iter", "48", "--n", "4", "--eval-prompts", "128",
-         "--max-new-tokens", "48", "--seed", "0"]  # measured: about 45 s on 2 CPU cores, final win-rate 0.645 +- 0.017
+         "--seed", "0"]  # measured: about 45 s on 2 CPU cores, final win-rate 0.645 +- 0.017
 
 
 @pytest.fixture(scope="module")
 def small_world():
-    tokenizer, world = Tokenizer(), World(seed=0)
+    tokenizer, world = iterate.world_tokenizer(), World(seed=0)
     torch.manual_seed(0)
     model = GPT(GPTConfig.preset("tiny", n_layer=2, vocab_size=tokenizer.n_vocab)).eval()
     return tokenizer, world, model
+
+
+def test_world_tokenizer_has_one_token_per_word_of_the_world():
+    import regex
+    tokenizer, world = iterate.world_tokenizer(), World(seed=5)  # another seed's split and corpus than it was fit on
+    texts = [p + "\n" for p in world.prompts] + [a for _, a in world.sft_corpus(5000, seed=5)]
+    pieces = {piece for text in texts for piece in regex.findall(LLAMA3_PATTERN, text)}
+    assert len(pieces) > 80 and all(len(tokenizer.encode(piece)) == 1 for piece in pieces)
+    assert tokenizer.n_vocab < 1024  # words and their prefixes on top of the 256 bytes, not a large vocabulary
 
 
 def test_best_worst_takes_extremes_and_drops_ties():
@@ -42,6 +51,10 @@ def test_random_pairs_drop_identical_texts():
     assert [p for p, _, _ in pairs] == [1]
     _, i, j = pairs[0]
     assert i != j
+    # k pairs per prompt are disjoint (each sample labelled at most once), at most n // 2 of them
+    texts = [["a", "b", "c", "d", "e"]]
+    pairs = iterate.random_pairs(texts, random.Random(1), per_prompt=3)
+    assert len(pairs) == 2 and len({i for _, a, b in pairs for i in (a, b)}) == 4
 
 
 def test_uncertainty_pairs_pick_the_farthest_sample_in_sigma_inverse_norm():
@@ -54,6 +67,9 @@ def test_uncertainty_pairs_pick_the_farthest_sample_in_sigma_inverse_norm():
     assert iterate.uncertainty_pairs(scores, features, [["m", "far", "new", "near"]], sigma) == [(0, 0, 2)]
     # with Sigma = I the plain Euclidean farthest wins
     assert iterate.uncertainty_pairs(scores, features, [["m", "far", "new", "near"]], torch.eye(2)) == [(0, 0, 1)]
+    # two pairs per prompt: the main sample against the two most uncertain, most uncertain first
+    assert iterate.uncertainty_pairs(scores, features, [["m", "far", "new", "near"]], sigma, per_prompt=2) == \
+        [(0, 0, 2), (0, 0, 1)]
 
 
 def test_kl_is_exactly_zero_when_policy_is_reference(small_world):
@@ -99,6 +115,7 @@ def argparse_override(args, eval_prompts):
     (["--pairs", "best-of"], "unknown rule 'best-of'"),
     (["--labeler", "human"], "unknown labeler 'human'"),
     (["--n", "1"], "--n must be at least 2"),
+    (["--pairs-per-prompt", "0"], "--pairs-per-prompt must be at least 1"),
 ])
 def test_bad_cli_input_is_refused(flags, message, capsys):
     with pytest.raises(SystemExit):
@@ -116,6 +133,10 @@ def test_cache_with_other_settings_is_rebuilt_and_logged(small_world, tmp_path, 
     iterate.make_pi0(world, tokenizer, args, "cpu", str(tmp_path))
     out = capsys.readouterr().out
     assert "built with other settings; rebuilding" in out and "'sft_steps': 2" in out
+    # a pi0 cached with another tokenizer (another vocabulary) is rebuilt, never loaded into the wrong shape
+    iterate.make_pi0(world, Tokenizer(), args, "cpu", str(tmp_path))
+    out = capsys.readouterr().out
+    assert "built with other settings; rebuilding" in out and "'tokenizer': 'bytes, 259 ids'" in out
 
 
 def test_micro_run_raises_win_rate_above_pi0(tmp_path):

@@ -147,6 +147,39 @@ def test_check_fits():
 
 
 # -----------------------------------------------------------------------------
+# the word-level vocabulary fit on texts (from_texts)
+
+WORD_TEXTS = ["Write a formal note to your boss about coffee.\n", "Dear sir, I like coffee. It is calm. Regards."]
+
+
+def test_from_texts_makes_each_seen_word_one_token():
+    tok = Tokenizer.from_texts(WORD_TEXTS)
+    # whole words with their leading space; punctuation split off as Llama 3's pattern splits it
+    assert [tok.decode([i]) for i in tok.encode(WORD_TEXTS[0])] == \
+        ["Write", " a", " formal", " note", " to", " your", " boss", " about", " coffee", ".\n"]
+    assert [tok.decode([i]) for i in tok.encode("Dear sir, I like coffee.")] == \
+        ["Dear", " sir", ",", " I", " like", " coffee", "."]
+
+
+def test_from_texts_falls_back_to_bytes_for_unseen_text():
+    tok, rng = Tokenizer.from_texts(WORD_TEXTS), random.Random(2)
+    # a misspelling ends as shorter pieces (the longest seen prefix, then a byte), never as a wrong word
+    assert [tok.decode([i]) for i in tok.encode(" coffex")] == [" coffe", "x"]
+    for s in [random_unicode(rng, rng.randint(0, 80)) for _ in range(100)] + ["", "héllo 世界 🙂"]:
+        assert tok.decode(tok.encode(s)) == s
+
+
+def test_from_texts_ids_and_specials():
+    tok = Tokenizer.from_texts(WORD_TEXTS)
+    assert tok.encode("a") == [ord("a")]  # single bytes keep their byte ids
+    n_ranks = tok.n_vocab - 3
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (n_ranks, n_ranks + 1, n_ranks + 2)
+    assert tok.stop_ids == (tok.eos_id,)
+    assert Tokenizer.from_texts(list(reversed(WORD_TEXTS))).n_vocab == tok.n_vocab  # order of texts is irrelevant
+    assert Tokenizer.from_texts(reversed(WORD_TEXTS)).encode(WORD_TEXTS[1]) == tok.encode(WORD_TEXTS[1])
+
+
+# -----------------------------------------------------------------------------
 # loaders on small synthetic files
 
 
