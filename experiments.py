@@ -5,14 +5,14 @@ budget, over several seeds, then one table and one figure.
 Every arm is `iterate.py` itself with one setting changed (the table ARMS below), so the arms share every other
 hyperparameter and the same code path. Within a seed the arms share the cache folder, so they start from the same
 pi0 and the same first reward model. The label budget is the same for every arm except `rank-oracle`, which pays one
-query per sample it ranks (the upper bound of the enhancer, its cost counted), and `labeler-rm`, which spends none
-after the first reward model's.
+query per sample it ranks (the upper bound of the enhancer, its cost counted), `labeler-rm`, which spends none
+after the first reward model's, and `n2`, whose two samples make one pair per prompt where the others make two.
 
 The table's last column compares each arm's final win-rate with `best-worst` (the default of iterate.py): a
 difference counts only when it exceeds the combined standard error of the two means over seeds; else it is a tie.
 
     python experiments.py --arms offline best-worst uncertainty --seeds 0 1 2    # runs/experiments/results.{md,png}
-    python experiments.py --arms offline best-worst -- --iterations 5      # after --: iterate.py flags for all arms
+    python experiments.py --arms offline best-worst -- --iterations 8      # after --: iterate.py flags for all arms
 """
 import argparse
 import json
