@@ -1,6 +1,6 @@
 """
-Tests for tokenizer.py: the offline byte-level default, the rank-file and tokenizer.json loaders, and the real
-Llama 3 tokenizer pinned to known ids and to Meta's own reference code.
+Tests for tokenizer.py: the offline byte-level encoding, the word-level vocabulary fit on texts, the rank-file and
+tokenizer.json loaders, and the real Llama 3 tokenizer pinned to known ids and to Meta's own reference code.
 
 Fast, offline and seeded (fixed seeds, so no test can fail by chance). The real Llama 3 `tokenizer.model` ships
 in the `llama-models` wheel on PyPI; if that package is not importable we pip-install it once (--no-deps) into
@@ -56,7 +56,7 @@ def random_unicode(rng, n):
 
 
 # -----------------------------------------------------------------------------
-# the default byte-level tokenizer
+# the byte-level tokenizer, Tokenizer()
 
 
 def test_default_round_trips_random_unicode():
