@@ -12,6 +12,8 @@ Speed and headroom numbers for the CPU default, printed (timings live here, neve
     python bench.py --run runs/default          # where a finished run's gain comes from (see `diagnose_run`)
 """
 import argparse
+import json
+import os
 import time
 
 import numpy as np
@@ -89,13 +91,22 @@ def load_gpt(path):
     return model.eval()
 
 
-def diagnose_run(run, tokenizer, world, n_prompts=256):
+def diagnose_run(run, tokenizer, n_prompts=256):
     """Per part of r*, the mean over held-out prompts for pi0 and for the run's final policy, and how often each
     follows the prompt's topic and tone; and the first reward model's pairwise accuracy on pairs of pi0 samples,
-    overall and on the pairs whose topic part, or tone part, differs."""
-    run_args = iterate.parse_args([])
+    overall and on the pairs whose topic part, or tone part, differs. pi0 and the first reward model are read
+    from the run's cache folder (its --cache, else the run folder), on the run's seed and response cap."""
+    if not all(os.path.exists(os.path.join(run, name)) for name in ("config.json", "policy")):
+        raise SystemExit(f"--run {run}: not a finished run of iterate.py (it needs config.json and policy/)")
+    with open(os.path.join(run, "config.json")) as f:
+        config = json.load(f)
+    cache = config["cache"] or run
+    if not all(os.path.exists(os.path.join(cache, name)) for name in ("pi0.pt", "rm0.pt")):
+        raise SystemExit(f"--run {run}: its cache folder {cache} has no pi0.pt and rm0.pt (moved or deleted?)")
+    run_args = iterate.parse_args(["--seed", str(config["seed"]), "--max-new-tokens", str(config["max_new_tokens"])])
     run_args.stop_ids = tokenizer.stop_ids
-    pi0, policy = load_gpt(f"{run}/pi0.pt"), GPT.from_pretrained(f"{run}/policy").eval()
+    world = World(seed=config["seed"])
+    pi0, policy = load_gpt(os.path.join(cache, "pi0.pt")), GPT.from_pretrained(os.path.join(run, "policy")).eval()
     prompts = world.eval_prompts[:n_prompts]
     prompt_tokens = [iterate.encode_prompt(tokenizer, p) for p in prompts]
     samples = {}
@@ -109,7 +120,7 @@ def diagnose_run(run, tokenizer, world, n_prompts=256):
         # corpus has each in 30 % of its responses; a prompt-blind model hits the topic 1 time in 40)
         print(f"{'':>6}  mentions the asked topic {np.mean([x['topic'] >= 1.0 for x in parts]):.2f}, "
               f"greets in the asked tone {np.mean([x['tone'] >= 0.5 for x in parts]):.2f}")
-    saved = torch.load(f"{run}/rm0.pt", weights_only=True)
+    saved = torch.load(os.path.join(cache, "rm0.pt"), weights_only=True)
     rm = reward.RewardModel(GPT(pi0.config))
     rm.load_state_dict(saved["model"])
     second = iterate.sample(pi0, prompt_tokens, 1.0, run_args, torch.Generator().manual_seed(1))
@@ -134,9 +145,10 @@ def main():
     parser.add_argument("--run", default=None, help="a finished run folder of iterate.py to diagnose instead")
     args = parser.parse_args()
     torch.manual_seed(0)
-    tokenizer, world = iterate.world_tokenizer(), World(seed=0)
+    tokenizer = iterate.world_tokenizer()
     if args.run:
-        return diagnose_run(args.run, tokenizer, world)
+        return diagnose_run(args.run, tokenizer)
+    world = World(seed=0)
     config = GPTConfig.preset("tiny", vocab_size=tokenizer.n_vocab)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; tiny preset "
           f"{GPT(config).num_params() / 1e6:.2f} M parameters")

@@ -23,6 +23,17 @@ def test_arms_share_pi0_and_runs_are_reused(tmp_path, capsys):
     assert "offline seed 0: reusing" in capsys.readouterr().out
 
 
+def test_parallel_jobs_give_the_sequential_numbers(tmp_path):
+    """--jobs 2 runs arms in worker processes with one thread each; the table must not change."""
+    flags = ["--arms", "best-worst", "random", "--seeds", "0", "1"]
+    sequential = experiments.main(flags + ["--out", str(tmp_path / "seq"), "--"] + TINY)
+    parallel = experiments.main(flags + ["--out", str(tmp_path / "par"), "--jobs", "2", "--"] + TINY)
+    for arm in ("best-worst", "random"):
+        for key in experiments.SUMMARY_KEYS:
+            assert (parallel[arm][key] == sequential[arm][key]).all(), (arm, key)
+    assert "iter 1:" in (tmp_path / "par" / "random" / "seed0" / "log.txt").read_text()
+
+
 def test_unknown_arm_is_refused(capsys):
     with pytest.raises(SystemExit):
         experiments.main(["--arms", "online-magic"])
