@@ -46,8 +46,8 @@ DIGITS = {"kl": 2, "reward": 2, "proxy_reward": 2, "length": 1, "labels": 0}  # 
 
 def run_arms(arms, seeds, out, shared_flags, jobs=1):
     """Run every arm for every seed; a run whose metrics.jsonl is complete and whose settings match is reused.
-    With jobs > 1, runs go to that many worker processes, each with an equal share of the CPU threads and its
-    output in its run folder's log.txt. A seed's first run builds its cache (pi0 and the first reward model)
+    With jobs > 1, runs go to that many worker processes, each with an equal share of the CPU threads (unless
+    --threads is among the shared flags) and its output in its run folder's log.txt. A seed's first run builds its cache (pi0 and the first reward model)
     before that seed's other runs start, so no two runs write one cache."""
     pending = {}  # seed -> [(name, argv)], in arm order
     for seed in seeds:
@@ -64,7 +64,8 @@ def run_arms(arms, seeds, out, shared_flags, jobs=1):
             print(f"=== {name}: python iterate.py {' '.join(argv)}")
             iterate.main(argv)
         return
-    threads = ["--threads", str(max(1, (os.cpu_count() or 1) // jobs))]
+    # each worker gets an equal share of the cores, unless the shared flags set --threads themselves
+    threads = [] if "--threads" in shared_flags else ["--threads", str(max(1, (os.cpu_count() or 1) // jobs))]
     context = multiprocessing.get_context("spawn")  # a fresh interpreter per worker: no forked torch state
     with ProcessPoolExecutor(jobs, mp_context=context) as pool:
         submit = lambda seed, name, argv: {pool.submit(run_logged, argv + threads): (seed, name)}
