@@ -19,9 +19,10 @@ import time
 import numpy as np
 import torch
 
-import iterate
 import reward
-from model import GPT, GPTConfig
+import start
+from iterate import Settings
+from model import GPT, GPTConfig, sample
 from oracle import REWARD_MAX, Oracle, World, reward_parts
 
 
@@ -60,15 +61,13 @@ def sampling_speed(model, batch=32, prompt_length=48, new_tokens=64):
     return cached, batch * new_tokens / (time.time() - start)
 
 
-def pi0_statistics(pi0, tokenizer, world, args, n_prompts=256, best_of=64, best_prompts=64):
-    oracle = Oracle()
-    run_args = iterate.parse_args([])
-    run_args.stop_ids = tokenizer.stop_ids
+def pi0_statistics(pi0, tokenizer, world, n_prompts=256, best_of=64, best_prompts=64):
+    oracle, cap = Oracle(), Settings().max_new_tokens
     prompts = world.eval_prompts[:n_prompts]
-    prompt_tokens = [iterate.encode_prompt(tokenizer, p) for p in prompts]
+    prompt_tokens = [tokenizer.encode_prompt(p) for p in prompts]
     generator = torch.Generator().manual_seed(0)
-    responses = iterate.sample(pi0, prompt_tokens, 1.0, run_args, generator)
-    texts = [iterate.decode_response(tokenizer, r) for r in responses]
+    responses = sample(pi0, prompt_tokens, cap, 1.0, tokenizer.stop_ids, generator)
+    texts = [tokenizer.decode_response(r) for r in responses]
     rewards = np.array([oracle.reward(p, t) for p, t in zip(prompts, texts)])
     print(f"pi0 on {n_prompts} held-out prompts (temperature 1.0): gold reward mean {rewards.mean():+.2f}, "
           f"p10 {np.percentile(rewards, 10):+.2f}, p90 {np.percentile(rewards, 90):+.2f}; finished with the end "
@@ -77,18 +76,11 @@ def pi0_statistics(pi0, tokenizer, world, args, n_prompts=256, best_of=64, best_
     start = time.time()
     best = []
     for prompt, tokens in zip(prompts[:best_prompts], prompt_tokens[:best_prompts]):
-        samples = iterate.sample(pi0, [tokens] * best_of, 1.0, run_args, generator)
-        best.append(max(oracle.reward(prompt, iterate.decode_response(tokenizer, s)) for s in samples))
+        samples = sample(pi0, [tokens] * best_of, cap, 1.0, tokenizer.stop_ids, generator)
+        best.append(max(oracle.reward(prompt, tokenizer.decode_response(s)) for s in samples))
     print(f"best of {best_of} samples per prompt ({best_prompts} prompts): mean {np.mean(best):+.2f}, "
           f"best {max(best):+.2f}, share reaching the maximum r* {REWARD_MAX} {np.mean(np.isclose(best, REWARD_MAX)):.2f} "
           f"({time.time() - start:.0f} s)")
-
-
-def load_gpt(path):
-    saved = torch.load(path, weights_only=True)
-    model = GPT(GPTConfig(**saved["config"]))
-    model.load_state_dict(saved["model"])
-    return model.eval()
 
 
 def diagnose_run(run, tokenizer, n_prompts=256):
@@ -103,17 +95,16 @@ def diagnose_run(run, tokenizer, n_prompts=256):
     cache = config["cache"] or run
     if not all(os.path.exists(os.path.join(cache, name)) for name in ("pi0.pt", "rm0.pt")):
         raise SystemExit(f"--run {run}: its cache folder {cache} has no pi0.pt and rm0.pt (moved or deleted?)")
-    run_args = iterate.parse_args(["--seed", str(config["seed"]), "--max-new-tokens", str(config["max_new_tokens"])])
-    run_args.stop_ids = tokenizer.stop_ids
-    world = World(seed=config["seed"])
-    pi0, policy = load_gpt(os.path.join(cache, "pi0.pt")), GPT.from_pretrained(os.path.join(run, "policy")).eval()
+    cap, world = config["max_new_tokens"], World(seed=config["seed"])
+    pi0 = start.load_cached_gpt(os.path.join(cache, "pi0.pt"))
+    policy = GPT.from_pretrained(os.path.join(run, "policy")).eval()
     prompts = world.eval_prompts[:n_prompts]
-    prompt_tokens = [iterate.encode_prompt(tokenizer, p) for p in prompts]
+    prompt_tokens = [tokenizer.encode_prompt(p) for p in prompts]
     samples = {}
     for name, model in (("pi0", pi0), ("policy", policy)):
-        responses = iterate.sample(model, prompt_tokens, 1.0, run_args, torch.Generator().manual_seed(0))
+        responses = sample(model, prompt_tokens, cap, 1.0, tokenizer.stop_ids, torch.Generator().manual_seed(0))
         samples[name] = responses
-        texts = [iterate.decode_response(tokenizer, r) for r in responses]
+        texts = [tokenizer.decode_response(r) for r in responses]
         parts = [reward_parts(p, t) for p, t in zip(prompts, texts)]
         print(f"{name:>6}: " + "  ".join(f"{k} {np.mean([x[k] for x in parts]):+.2f}" for k in parts[0]))
         # does the model read the prompt? the asked topic scores >= +1.0 and the asked greeting >= +0.5 (the
@@ -123,19 +114,18 @@ def diagnose_run(run, tokenizer, n_prompts=256):
     saved = torch.load(os.path.join(cache, "rm0.pt"), weights_only=True)
     rm = reward.RewardModel(GPT(pi0.config))
     rm.load_state_dict(saved["model"])
-    second = iterate.sample(pi0, prompt_tokens, 1.0, run_args, torch.Generator().manual_seed(1))
-    first_texts, second_texts = ([iterate.decode_response(tokenizer, r) for r in rs] for rs in (samples["pi0"], second))
+    second = sample(pi0, prompt_tokens, cap, 1.0, tokenizer.stop_ids, torch.Generator().manual_seed(1))
+    first_texts, second_texts = ([tokenizer.decode_response(r) for r in rs] for rs in (samples["pi0"], second))
     keys = ("total", "topic", "tone")
     gold = np.array([[sum(parts.values()), parts["topic"], parts["tone"]]
                      for texts in (first_texts, second_texts) for parts in
                      (reward_parts(p, t) for p, t in zip(prompts, texts))]).reshape(2, -1, len(keys))
-    proxy = [reward.score(rm.eval(), prompt_tokens, rs).numpy() for rs in (samples["pi0"], second)]
+    proxy = [reward.score(rm.eval(), prompt_tokens, rs) for rs in (samples["pi0"], second)]
     # on the pairs where that part of r* differs, does the reward model order them as the part does?
     accuracies = []
     for k, key in enumerate(keys):
-        decided = gold[0, :, k] != gold[1, :, k]
-        agree = (proxy[0] > proxy[1]) == (gold[0, :, k] > gold[1, :, k])
-        accuracies.append(f"{key} {agree[decided].mean():.2f} ({decided.sum()} pairs)")
+        accuracy = reward.pairwise_accuracy(proxy[0], proxy[1], gold[0, :, k], gold[1, :, k])
+        accuracies.append(f"{key} {accuracy:.2f} ({(gold[0, :, k] != gold[1, :, k]).sum()} pairs)")
     print("first reward model on pairs of pi0 samples, accuracy by " + ", ".join(accuracies))
 
 
@@ -145,7 +135,7 @@ def main():
     parser.add_argument("--run", default=None, help="a finished run folder of iterate.py to diagnose instead")
     args = parser.parse_args()
     torch.manual_seed(0)
-    tokenizer = iterate.world_tokenizer()
+    tokenizer = start.world_tokenizer()
     if args.run:
         return diagnose_run(args.run, tokenizer)
     world = World(seed=0)
@@ -158,16 +148,16 @@ def main():
     print(f"sampling 64 new tokens, batch 32, prompt 48: {cached:,.0f} tokens/s with the KV cache, "
           f"{uncached:,.0f} without ({cached / uncached:.1f}x)")
     if args.pi0:
-        pi0 = load_gpt(args.pi0)
+        pi0 = start.load_cached_gpt(args.pi0)
     else:
-        run_args = iterate.parse_args([])
+        s = Settings()
         pi0 = GPT(config)
-        corpus = iterate.sft_corpus_tokens(world, tokenizer, run_args)
-        start = time.time()
-        loss = iterate.train_sft(pi0, corpus, run_args, "cpu")
-        print(f"SFT at iterate.py's defaults: {run_args.sft_steps} steps in {time.time() - start:.1f} s "
+        corpus = start.sft_corpus_tokens(world, tokenizer, s.sft_examples, s.max_new_tokens, s.chat, s.seed)
+        clock = time.time()
+        loss = start.train_sft(pi0, corpus, s.sft_steps, s.sft_lr, s.sft_batch, s.seed, "cpu")
+        print(f"SFT at iterate.py's defaults: {s.sft_steps} steps in {time.time() - clock:.1f} s "
               f"(final loss {loss:.3f})")
-    pi0_statistics(pi0.eval(), tokenizer, world, args)
+    pi0_statistics(pi0.eval(), tokenizer, world)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """
-Benchmarks of model.py's Llama checkpoint loading and of one online iteration's work on a Llama-sized model.
+Benchmarks of checkpoints.py's Llama checkpoint loading and of one online iteration's work on a Llama-sized model.
 
 (a) Load memory. Writes a random bfloat16 model shaped like Llama 3.2 1B but with 4 of its 16 layers (about 1 GB)
 as a Hugging Face folder (model.safetensors) and as a Meta folder (consolidated.00.pth), then loads each in a fresh
@@ -28,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-from model import GPT, GPTConfig, add_lora, lora_disabled
+from lora import add_lora, lora_disabled
+from model import GPT, GPTConfig
 
 LLAMA_32_1B = dict(vocab_size=128256, dim=2048, n_layer=16, n_head=32, n_kv_head=8, ffn_hidden=8192, norm_eps=1e-5,
                    max_seq_len=8192, rope_theta=500000.0, tie_embeddings=True,

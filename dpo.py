@@ -11,7 +11,8 @@ The loss (RLHF Workflow eq. 5; Rafailov et al. 2023 eq. 7), with beta playing th
     h    = [log pi(a_w|x) - log pi0(a_w|x)] - [log pi(a_l|x) - log pi0(a_l|x)]
     loss = -log sigmoid(beta * h)
 
-Log-probs are summed over the response tokens, EOS included, prompt and padding excluded (DESIGN.md).
+Log-probs are summed over the response tokens, EOS included (when to stop is part of the response), prompt and
+padding excluded.
 
 What it simplifies: the reference log-probs are computed once per data set before training (the reference model
 need not be in memory while the policy trains); no gradient accumulation. Plain DPO lets both chosen and rejected
@@ -23,48 +24,38 @@ per-token NLL (RPO), which iterate.py uses by default to keep the chosen side up
 import torch
 import torch.nn.functional as F
 
-from train import autocast, collate, fit, shuffled_batches
+from train import collate, fit, map_batches, shuffled_batches
 
 
 def sequence_logps(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Summed log-prob of the masked tokens of each row: logits [B, T, V], tokens [B, T], mask bool [B, T] -> [B].
+    """Summed log-prob of the masked tokens of each row: logits [B, T, V], tokens [B, T], mask [B, T] -> [B];
+    mask is bool or any 0/1 dtype.
 
     logps[b] = sum over t >= 1 of mask[b, t] * log_softmax(logits[b, t-1])[tokens[b, t]]
 
     - A SUM, not a mean: the sequence log-prob log pi(a|x) that DPO's equation needs.
     - Shifted by one: the logits at position t-1 predict the token at t, so `mask` marks *targets* (the response
       tokens, EOS included); mask[:, 0] is never used, since nothing predicts the first token.
-    - Prompt and padding must be False in `mask`; whatever the tokens or logits are there does not count. The masked
-      terms are dropped with torch.where, not multiplied by 0, so a NaN or inf at a masked position cannot leak
-      into the sum (0 * NaN is NaN). A row with no True target gives exactly 0.
+    - Prompt and padding must be False (0) in `mask`; whatever the tokens or logits are there does not count. The
+      masked terms are dropped with torch.where, not multiplied by 0, so a NaN or inf at a masked position cannot
+      leak into the sum (0 * NaN is NaN). A row with no True (nonzero) target gives exactly 0.
     """
     logprobs = F.log_softmax(logits[:, :-1].float(), dim=-1)                   # [B, T-1, V]
     targets = tokens[:, 1:]                                                    # [B, T-1]
     token_logps = logprobs.gather(-1, targets[..., None]).squeeze(-1)          # [B, T-1]
-    return torch.where(mask[:, 1:], token_logps, torch.zeros_like(token_logps)).sum(-1)
+    return torch.where(mask[:, 1:] != 0, token_logps, torch.zeros_like(token_logps)).sum(-1)
 
 
-@torch.no_grad()
 def response_logps(model, prompts: list[list[int]], responses: list[list[int]], batch_size: int = 32,
                    device=None) -> torch.Tensor:
-    """log pi(response | prompt) for each pair, summed over response tokens: Tensor [N] on the CPU, float32.
-
-    Batched through `train.collate` (right padding) and `sequence_logps`, without gradient. Every prompt needs at
-    least one token (a begin token will do): otherwise nothing would predict the response's first token."""
+    """log pi(response | prompt) for each pair, summed over response tokens: Tensor [N] on the CPU, float32,
+    without gradient (`train.map_batches`). Every prompt needs at least one token (a begin token will do):
+    otherwise nothing would predict the response's first token."""
     if any(len(p) == 0 for p in prompts):
         raise ValueError("response_logps: every prompt needs at least one token (e.g. the begin token)")
-    device = device if device is not None else next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    out = []
-    for start in range(0, len(prompts), batch_size):
-        tokens, mask, response_mask = collate(prompts[start:start + batch_size],
-                                              responses[start:start + batch_size], device)
-        with autocast(device):
-            logits = model(tokens, mask)
-        out.append(sequence_logps(logits, tokens, response_mask).float().cpu())
-    model.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0)
+    return map_batches(model, lambda tokens, mask, response_mask: sequence_logps(model(tokens, mask), tokens,
+                                                                                  response_mask),
+                       prompts, responses, batch_size, device)
 
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
@@ -106,17 +97,15 @@ def ipo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
 
 
 def train_dpo(policy, pairs, beta: float = 0.1, steps: int = 100, lr: float = 5e-5, batch_size: int = 16,
-              label_smoothing: float = 0.0, loss: str = "dpo", reference=None, reference_logps=None,
+              label_smoothing: float = 0.0, loss: str = "dpo", reference=None,
               seed: int = 0, device="cpu", warmup: int = 0, weight_decay: float = 0.0, grad_clip: float = 1.0,
               ref_batch_size: int = 32, nll_weight: float = 0.0) -> list[dict]:
     """Fit `policy` (in place, on `device`) to `pairs`, a list of (prompt, chosen, rejected) token lists; responses
     end with their stop token when they stopped. Returns one stats dict per step (see `train.fit`).
 
-    The reference log-probs are computed once, before the first update, in batches of `ref_batch_size`:
-    - `reference_logps=(chosen [N], rejected [N])` if given (e.g. cached for pi0, or computed by the caller with a
-      LoRA policy's adapters switched off);
-    - else by `reference` if given (a different model, e.g. pi0 while continuing from the previous iterate);
-    - else by `policy` itself, before any update.
+    The reference log-probs are computed once, before the first update, in batches of `ref_batch_size`, by
+    `reference` if given (pi0 while continuing from the previous iterate; for a LoRA policy, the same model with
+    its adapters switched off), else by `policy` itself before any update.
     loss: "dpo" (with `label_smoothing` > 0 it is cDPO) or "ipo". nll_weight > 0 adds that times the chosen
     responses' per-token negative log-likelihood (RPO, Pang et al. 2024): it anchors the chosen log-probs, which
     plain DPO lets fall together with the rejected ones, moving mass into malformed text."""
@@ -127,12 +116,10 @@ def train_dpo(policy, pairs, beta: float = 0.1, steps: int = 100, lr: float = 5e
     prompts = [p for p, _, _ in pairs]
     chosen = [c for _, c, _ in pairs]
     rejected = [r for _, _, r in pairs]
-    if reference_logps is None:
-        # chosen and rejected in one list, so the reference sees each batch once: [2N] -> two [N]
-        both = response_logps(reference if reference is not None else policy, prompts + prompts,
-                              chosen + rejected, ref_batch_size, device)
-        reference_logps = (both[:len(pairs)], both[len(pairs):])
-    reference_chosen, reference_rejected = (x.to(device) for x in reference_logps)
+    # chosen and rejected in one list, so the reference sees each batch once: [2N] -> two [N]
+    both = response_logps(reference if reference is not None else policy, prompts + prompts, chosen + rejected,
+                          ref_batch_size, device).to(device)
+    reference_chosen, reference_rejected = both[:len(pairs)], both[len(pairs):]
 
     def loss_fn(indices):
         batch_prompts = [prompts[i] for i in indices]

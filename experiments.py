@@ -19,6 +19,7 @@ import argparse
 import json
 import multiprocessing
 import os
+from dataclasses import asdict
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from contextlib import redirect_stderr, redirect_stdout
 
@@ -103,7 +104,7 @@ def finished(folder, argv) -> bool:
         rows = read_metrics(folder)
     except (FileNotFoundError, json.JSONDecodeError):
         return False
-    wanted = vars(iterate.parse_args(argv))
+    wanted = asdict(iterate.parse_args(argv))
     # where a run lives and how many CPU threads it used are not what it ran: a moved folder still counts, and so
     # does a run made with --jobs (threads change only the order of float sums; see README, Results)
     settings = lambda c: {k: v for k, v in c.items() if k not in ("out", "cache", "threads")}

@@ -3,7 +3,7 @@ The Bradley-Terry reward model: a scalar head on the GPT, its loss, its training
 
 What it owns: `bradley_terry_loss`, `RewardModel` (a GPT backbone, initialised by the caller from pi0, plus a
 linear head read at the last real token of each row), `score` and `embed` (batched, without gradient),
-`train_reward_model` (on `train.fit`) and `pairwise_accuracy` (held-out agreement with labels).
+`embed_and_score`, `train_reward_model` (on `train.fit`) and `pairwise_accuracy` (agreement with the truth).
 
 The model behind it (RLHF Workflow eq. 1): P(a1 > a2 | x) = sigmoid(r(x, a1) - r(x, a2)). Fitting r by maximum
 likelihood on labelled pairs (a_w preferred to a_l) minimises
@@ -13,19 +13,20 @@ likelihood on labelled pairs (a_w preferred to a_l) minimises
 averaged over pairs. The reward is defined only up to a constant per prompt; nothing here pins it.
 
 The head reads the final hidden state of the last REAL token of each row, found from the mask and never from a
-token value (a pad id equal to EOS put Llama reward models' scores at the wrong place, REFERENCES.md 2 and 5.7).
-That hidden state is also phi(x, a), the feature vector of the uncertainty enhancer (`RewardModel.features`,
-`embed`).
+token value (with a pad id equal to EOS, Llama reward models that search for the pad token read the score at the
+wrong place). That hidden state is also phi(x, a), the feature vector of the uncertainty enhancer
+(`RewardModel.features`, `embed`).
 
 What it simplifies: one scalar head, no reward centring or margin term, no ensembles; the caller tokenises.
 
     python reward.py   # fits a tiny random reward model to a toy preference and prints its accuracy
 """
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from train import autocast, collate, fit, shuffled_batches
+from train import collate, fit, map_batches, shuffled_batches
 
 
 def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
@@ -77,31 +78,23 @@ class RewardModel(nn.Module):
         return self.head(self.features(tokens, mask)).squeeze(-1).float()
 
 
-@torch.no_grad()
-def _batched(rm, method, prompts, responses, batch_size, device):
-    """Apply rm.forward or rm.features to prompt + response rows in batches; results concatenated on the CPU."""
-    device = device if device is not None else next(rm.parameters()).device
-    was_training = rm.training
-    rm.eval()
-    out = []
-    for start in range(0, len(prompts), batch_size):
-        tokens, mask, _ = collate(prompts[start:start + batch_size], responses[start:start + batch_size], device)
-        with autocast(device):
-            out.append(method(tokens, mask).float().cpu())
-    rm.train(was_training)
-    return torch.cat(out)
-
-
 def score(rm, prompts: list[list[int]], responses: list[list[int]], batch_size: int = 64,
           device=None) -> torch.Tensor:
     """r(x, a) for each (prompt, response) token-list pair: Tensor [N] on the CPU, without gradient."""
-    return _batched(rm, rm.forward, prompts, responses, batch_size, device)
+    return map_batches(rm, lambda tokens, mask, _: rm(tokens, mask), prompts, responses, batch_size, device)
 
 
 def embed(rm, prompts: list[list[int]], responses: list[list[int]], batch_size: int = 64,
           device=None) -> torch.Tensor:
     """phi(x, a) for each (prompt, response) pair: Tensor [N, C] on the CPU, without gradient."""
-    return _batched(rm, rm.features, prompts, responses, batch_size, device)
+    return map_batches(rm, lambda tokens, mask, _: rm.features(tokens, mask), prompts, responses, batch_size, device)
+
+
+@torch.no_grad()
+def embed_and_score(rm, prompts: list[list[int]], responses: list[list[int]], batch_size: int = 64, device=None):
+    """phi(x, a) [N, C] and r(x, a) = head(phi) [N] from one forward pass (the uncertainty rule needs both)."""
+    features = embed(rm, prompts, responses, batch_size, device)                   # [N, C]
+    return features, rm.head(features.to(rm.head.weight.device)).squeeze(-1).float().cpu()
 
 
 def train_reward_model(rm, pairs, steps: int = 200, lr: float = 1e-4, batch_size: int = 32, seed: int = 0,
@@ -128,18 +121,18 @@ def train_reward_model(rm, pairs, steps: int = 200, lr: float = 1e-4, batch_size
     return fit(rm, loss_fn, batches, steps, lr, warmup, weight_decay, grad_clip, desc="reward", device=device)
 
 
-def pairwise_accuracy(rm, comparisons, batch_size: int = 64, device=None) -> float:
-    """Share of (prompt, a, b, a_wins) comparisons where sign(r(a) - r(b)) agrees with the label a_wins;
-    an exact tie r(a) == r(b) counts one half."""
-    if not comparisons:
-        raise ValueError("pairwise_accuracy: no comparisons")
-    prompts = [x for x, _, _, _ in comparisons]
-    rewards_a = score(rm, prompts, [a for _, a, _, _ in comparisons], batch_size, device)
-    rewards_b = score(rm, prompts, [b for _, _, b, _ in comparisons], batch_size, device)
-    a_wins = torch.tensor([bool(label) for _, _, _, label in comparisons])
-    agree = ((rewards_a > rewards_b) == a_wins).float()
-    agree = torch.where(rewards_a == rewards_b, 0.5, agree)
-    return agree.mean().item()
+def pairwise_accuracy(rewards_a, rewards_b, truth_a, truth_b) -> float | None:
+    """Share of pairs (a, b) that the reward model orders as the truth does: sign(r(a) - r(b)) against
+    sign(truth_a - truth_b), each argument [N]. The truth is r* (or a part of it), or a label: 1 for the preferred
+    side and 0 for the other. Pairs the truth ties are skipped (None when every pair ties); a tie of r counts one
+    half."""
+    rewards_a, rewards_b, truth_a, truth_b = (np.asarray(x, dtype=np.float64)
+                                              for x in (rewards_a, rewards_b, truth_a, truth_b))
+    decided = truth_a != truth_b
+    if not decided.any():
+        return None
+    agree = np.where(rewards_a == rewards_b, 0.5, (rewards_a > rewards_b) == (truth_a > truth_b))
+    return float(agree[decided].mean())
 
 
 if __name__ == "__main__":
@@ -155,6 +148,6 @@ if __name__ == "__main__":
         return [(r[:3], [r[3], 5, r[4]], [r[3], 6, r[5]]) for r in rows]
 
     history = train_reward_model(rm, toy(128), steps=60, lr=1e-3, batch_size=16)
-    held_out = [(x, a, b, True) for x, a, b in toy(64)]
-    print(f"train loss {history[0]['loss']:.3f} -> {history[-1]['loss']:.3f}; "
-          f"held-out accuracy {pairwise_accuracy(rm, held_out):.3f}")
+    prompts, chosen, rejected = zip(*toy(64))
+    accuracy = pairwise_accuracy(score(rm, prompts, chosen), score(rm, prompts, rejected), [1] * 64, [0] * 64)
+    print(f"train loss {history[0]['loss']:.3f} -> {history[-1]['loss']:.3f}; held-out accuracy {accuracy:.3f}")

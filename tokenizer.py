@@ -210,6 +210,18 @@ class Tokenizer:
             ids += header("assistant")
         return ids
 
+    def encode_prompt(self, prompt, chat="off"):
+        """A prompt as the policy sees it. The world's format is begin-of-text, the prompt, a newline; a Llama 3
+        Instruct model gets its chat format (chat "on", or "auto" when this tokenizer has the header tokens)."""
+        if chat == "on" or (chat == "auto" and "<|start_header_id|>" in self.special_tokens):
+            return self.encode_chat([{"role": "user", "content": prompt}])
+        return self.encode(prompt + "\n", bos=True)
+
+    def decode_response(self, ids):
+        """The text of a sampled response, without its stop token (a stop token is not text; whether the response
+        stopped is told by its last id, not by its text)."""
+        return self.decode([i for i in ids if i not in self.stop_ids])
+
     def check_fits(self, vocab_size):
         """A model's vocabulary may be larger than the tokenizer's (padded for speed), never smaller."""
         if self.n_vocab > vocab_size:

@@ -1,6 +1,7 @@
 """
-The two things SFT, reward-model and DPO training share: turning (prompt, response) token lists into one padded
-batch, and a straight-line optimisation loop (AdamW, linear warm-up then cosine decay, gradient clipping).
+What SFT, reward-model and DPO training share: turning (prompt, response) token lists into one padded batch,
+running a model over such batches without gradient (scores, features, log-probs), and a straight-line optimisation
+loop (AdamW, linear warm-up then cosine decay, gradient clipping).
 
 Each trainer supplies its own loss as a function of a batch, so the loop below is the only training loop in the
 project and each loss stays a pure function in its own file.
@@ -28,6 +29,30 @@ def collate(prompts: list[list[int]], responses: list[list[int]], device="cpu"):
     return tokens.to(device), mask.to(device), response_mask.to(device)
 
 
+def autocast(device) -> object:
+    """bfloat16 autocast on CUDA; elsewhere float32 (bf16 autocast was slower than fp32 on a laptop CPU)."""
+    device = torch.device(device)
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+@torch.no_grad()
+def map_batches(model, fn, prompts: list[list[int]], responses: list[list[int]], batch_size: int,
+                device=None) -> torch.Tensor:
+    """fn(tokens, mask, response_mask) on right-padded batches of prompt + response rows (see `collate`), in eval
+    mode, without gradient, under `autocast`: the results, float32 on the CPU, concatenated along dim 0. Scoring,
+    features and log-probs all go through here. An empty input gives an empty tensor."""
+    device = device if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        batch = collate(prompts[start:start + batch_size], responses[start:start + batch_size], device)
+        with autocast(device):
+            out.append(fn(*batch).float().cpu())
+    model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0)
+
+
 def shuffled_batches(n_examples: int, batch_size: int, seed: int):
     """Endless minibatches of example indices, reshuffled every epoch from a seeded generator."""
     rng = random.Random(seed)
@@ -36,12 +61,6 @@ def shuffled_batches(n_examples: int, batch_size: int, seed: int):
         rng.shuffle(order)
         for start in range(0, n_examples, batch_size):
             yield order[start:start + batch_size]
-
-
-def autocast(device) -> object:
-    """bfloat16 autocast on CUDA; elsewhere float32 (bf16 autocast was slower than fp32 on a laptop CPU)."""
-    device = torch.device(device)
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
 def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:

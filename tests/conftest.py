@@ -12,3 +12,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def small_world():
+    """The world's tokenizer, the seed-0 world, and a 2-block random model over its vocabulary."""
+    from model import GPT, GPTConfig
+    from oracle import World
+    from start import world_tokenizer
+    tokenizer, world = world_tokenizer(), World(seed=0)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.preset("tiny", n_layer=2, vocab_size=tokenizer.n_vocab)).eval()
+    return tokenizer, world, model

@@ -100,6 +100,20 @@ def test_sequence_logps_ignores_tokens_and_logits_at_masked_positions():
     assert torch.equal(sequence_logps(dirty, tokens, mask), clean)
 
 
+def test_sequence_logps_same_for_bool_int_and_float_masks():
+    # a 0/1 mask of any dtype selects the same targets, and still keeps NaN and inf at masked positions out
+    gen = torch.Generator().manual_seed(2)
+    logits = torch.randn(2, 8, 13, generator=gen)
+    tokens = torch.randint(0, 13, (2, 8), generator=gen)
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1, 0, 0], [0, 1, 1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    logits[0, 0] = float("nan")                                       # predicts tokens[0, 1], masked
+    logits[0, 6, 2] = float("inf")                                    # predicts tokens[0, 7], masked
+    by_bool = sequence_logps(logits, tokens, mask)
+    assert by_bool.isfinite().all()
+    for dtype in (torch.int64, torch.float32):
+        assert torch.equal(sequence_logps(logits, tokens, mask.to(dtype)), by_bool), dtype
+
+
 def test_empty_response_gives_exactly_zero_not_nan():
     logits = torch.full((2, 5, 7), float("nan"))
     logits[1] = float("inf")

@@ -1,4 +1,5 @@
-"""Tests of iterate.py: the pair rules, the KL estimate, evaluation's sampling, the CLI, the cache, and a micro run."""
+"""Tests of iterate.py: the settings and the CLI, the pair rules, labelling, --rank oracle, --hybrid, a micro run
+and a run from a Llama folder with LoRA."""
 import json
 
 import pytest
@@ -7,28 +8,10 @@ import torch
 import iterate
 from model import GPT, GPTConfig
 from oracle import Oracle, World
-from tokenizer import LLAMA3_PATTERN, Tokenizer
 
 MICRO = ["--sft-examples", "3000", "--sft-steps", "100", "--rm-labels", "64", "--rm-steps", "20",
          "--rm-refit-steps", "5", "--iterations", "3", "--prompts-per-iter", "48", "--n", "4", "--eval-prompts", "128",
          "--seed", "0"]  # measured: 28 s on 2 CPU cores, final win-rate 0.663 +- 0.023
-
-
-@pytest.fixture(scope="module")
-def small_world():
-    tokenizer, world = iterate.world_tokenizer(), World(seed=0)
-    torch.manual_seed(0)
-    model = GPT(GPTConfig.preset("tiny", n_layer=2, vocab_size=tokenizer.n_vocab)).eval()
-    return tokenizer, world, model
-
-
-def test_world_tokenizer_has_one_token_per_word_of_the_world():
-    import regex
-    tokenizer, world = iterate.world_tokenizer(), World(seed=5)  # another seed's split and corpus than it was fit on
-    texts = [p + "\n" for p in world.prompts] + [a for _, a in world.sft_corpus(5000, seed=5)]
-    pieces = {piece for text in texts for piece in regex.findall(LLAMA3_PATTERN, text)}
-    assert len(pieces) > 80 and all(len(tokenizer.encode(piece)) == 1 for piece in pieces)
-    assert tokenizer.n_vocab < 1024  # words and their prefixes on top of the 256 bytes, not a large vocabulary
 
 
 def test_best_worst_takes_extremes_and_drops_ties():
@@ -72,45 +55,6 @@ def test_uncertainty_pairs_pick_the_farthest_sample_in_sigma_inverse_norm():
         [(0, 0, 2), (0, 0, 1)]
 
 
-def test_kl_is_exactly_zero_when_policy_is_reference(small_world):
-    tokenizer, world, model = small_world
-    prompts = [iterate.encode_prompt(tokenizer, p) for p in world.eval_prompts[:6]]
-    responses = model.generate(prompts, 12, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(iterate.kl_estimate(model, model, prompts, responses), torch.zeros(6))
-
-
-def test_evaluation_samples_fresh_at_temperature_one(small_world, monkeypatch):
-    # KL and win-rate are computed on fresh samples of the policy drawn at temperature 1.0 with no top-k, never on
-    # training samples (drawn half at 0.7)
-    tokenizer, world, model = small_world
-    args = iterate.parse_args(["--max-new-tokens", "12"])
-    args.stop_ids = tokenizer.stop_ids
-    oracle = Oracle()
-    evaluation = iterate.make_evaluation(model, world, tokenizer, oracle, argparse_override(args, 8), "cpu")
-    policy = GPT(model.config)
-    policy.load_state_dict(model.state_dict())
-    calls, kl_inputs = [], []
-    original_generate = policy.generate
-
-    def spy(prompts, max_new_tokens, temperature=1.0, top_k=None, **kwargs):
-        out = original_generate(prompts, max_new_tokens, temperature, top_k, **kwargs)
-        calls.append((temperature, top_k, out))
-        return out
-
-    original_kl = iterate.kl_estimate
-    monkeypatch.setattr(policy, "generate", spy)
-    monkeypatch.setattr(iterate, "kl_estimate", lambda p, r, pt, resp: kl_inputs.append(resp) or original_kl(p, r, pt, resp))
-    rm = __import__("reward").RewardModel(GPT(model.config))
-    iterate.evaluate(policy, model, rm, evaluation, args, tokenizer, oracle, torch.Generator().manual_seed(1))
-    assert calls and all(t == 1.0 and k is None for t, k, _ in calls)
-    assert kl_inputs == [[r for _, _, out in calls for r in out]]
-
-
-def argparse_override(args, eval_prompts):
-    args.eval_prompts = eval_prompts
-    return args
-
-
 @pytest.mark.parametrize("flags, message", [
     (["--pairs", "best-of"], "unknown rule 'best-of'"),
     (["--labeler", "human"], "unknown labeler 'human'"),
@@ -123,20 +67,18 @@ def test_bad_cli_input_is_refused(flags, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_cache_with_other_settings_is_rebuilt_and_logged(small_world, tmp_path, capsys):
-    tokenizer, world, _ = small_world
-    args = iterate.parse_args(["--sft-steps", "2", "--sft-examples", "64", "--max-new-tokens", "16"])
-    iterate.make_pi0(world, tokenizer, args, "cpu", str(tmp_path))
-    iterate.make_pi0(world, tokenizer, args, "cpu", str(tmp_path))
-    assert "reusing the cached pi0" in capsys.readouterr().out
-    args.sft_steps = 3
-    iterate.make_pi0(world, tokenizer, args, "cpu", str(tmp_path))
-    out = capsys.readouterr().out
-    assert "built with other settings; rebuilding" in out and "'sft_steps': 2" in out
-    # a pi0 cached with another tokenizer (another vocabulary) is rebuilt, never loaded into the wrong shape
-    iterate.make_pi0(world, Tokenizer(), args, "cpu", str(tmp_path))
-    out = capsys.readouterr().out
-    assert "built with other settings; rebuilding" in out and "'tokenizer': 'bytes, 259 ids'" in out
+def test_settings_are_the_cli_defaults_and_refuse_the_same_input():
+    # the CLI is made from the dataclass: no flag, no difference; a flag sets the field of the same name
+    assert iterate.parse_args([]) == iterate.Settings()
+    assert iterate.parse_args(["--prompts-per-iter", "7", "--hybrid"]) == iterate.Settings(prompts_per_iter=7,
+                                                                                          hybrid=True)
+    # tools that build Settings directly get the same checks as the command line, and cannot write into it
+    with pytest.raises(ValueError, match="--n must be at least 2"):
+        iterate.Settings(n=1)
+    with pytest.raises(ValueError, match="--chat: 'sometimes' is not one of"):
+        iterate.Settings(chat="sometimes")
+    with pytest.raises(AttributeError):
+        iterate.Settings().n = 4
 
 
 def test_micro_run_raises_win_rate_above_pi0(tmp_path):
@@ -150,16 +92,6 @@ def test_micro_run_raises_win_rate_above_pi0(tmp_path):
     assert [r["iteration"] for r in rows] == [0, 1, 2, 3]
     assert all(k in rows[0] for k in ("iteration", "labels", "win_rate", "kl", "reward", "length"))
     assert (tmp_path / "curves.png").stat().st_size > 0
-
-
-def test_prompt_file_errors_name_the_file_and_line(tmp_path):
-    path = tmp_path / "prompts.jsonl"
-    path.write_text('{"prompt": "a"}\n{"text": "b"}\n')
-    with pytest.raises(ValueError, match=r"prompts.jsonl:2: expected an object with a string \"prompt\""):
-        iterate.load_prompts(str(path))
-    path.write_text('{"prompt": "a"}\nnot json\n')
-    with pytest.raises(ValueError, match=r"prompts.jsonl:2: not JSON"):
-        iterate.load_prompts(str(path))
 
 
 def test_loop_runs_from_a_llama_folder_with_lora_and_a_prompt_file(tmp_path):
@@ -188,20 +120,19 @@ def test_loop_runs_from_a_llama_folder_with_lora_and_a_prompt_file(tmp_path):
 
 def test_reward_model_labels_drop_equal_scores():
     # with --labeler rm a pair the reward model scores equal carries no preference: dropped, never labelled
-    pairs = [("x", [1], [2], "a", [3], "b", 0.5, 0.5), ("x", [1], [4], "c", [5], "d", 0.2, 0.7)]
+    pairs = [iterate.Candidate("x", [1], [2], "a", [3], "b", 0.5, 0.5),
+             iterate.Candidate("x", [1], [4], "c", [5], "d", 0.2, 0.7)]
     assert iterate.label_pairs(pairs, "rm", Oracle(), None) == [([1], [5], [4])]
 
 
 def test_rank_oracle_orders_pairs_by_r_star_and_counts_its_queries(small_world):
     # --rank oracle: the enhancer's upper bound ranks the n samples by r* itself, each sample scored one query
     tokenizer, world, model = small_world
-    args = iterate.parse_args(["--rank", "oracle", "--n", "4", "--max-new-tokens", "12"])
-    args.stop_ids = tokenizer.stop_ids
+    settings = iterate.Settings(rank="oracle", n=4, max_new_tokens=12)
     prompts = world.train_prompts[:6]
-    prompt_tokens = [iterate.encode_prompt(tokenizer, p) for p in prompts]
     oracle, rm = Oracle(), __import__("reward").RewardModel(GPT(model.config))
-    pairs = iterate.make_pairs("best-worst", model, rm, oracle, prompts, prompt_tokens, [], args, tokenizer,
-                               torch.Generator().manual_seed(0), None)
+    pairs = iterate.collect("best-worst", model, rm, oracle, prompts, [], settings, tokenizer,
+                            torch.Generator().manual_seed(0), None)
     assert oracle.queries == 6 * 4
     assert pairs and all(oracle.reward(x, main) > oracle.reward(x, enhancer)
                          for x, _, _, main, _, enhancer, _, _ in pairs)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from model import GPT, GPTConfig
-from reward import RewardModel, bradley_terry_loss, embed, pairwise_accuracy, score, train_reward_model
+from reward import (RewardModel, bradley_terry_loss, embed, embed_and_score, pairwise_accuracy, score,
+                    train_reward_model)
 
 TOY = dict(vocab_size=32, dim=32, n_layer=2, n_head=2, n_kv_head=1, ffn_hidden=64, max_seq_len=32)
 
@@ -72,20 +73,31 @@ def test_train_reward_model_learns_a_toy_preference():
     history = train_reward_model(rm, toy_pairs(128, seed=1), steps=40, lr=1e-3, batch_size=16)
     assert history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert history[-1]["loss"] < 0.4
-    held_out = [(x, a, b, True) for x, a, b in toy_pairs(32, seed=2)]
-    held_out += [(x, b, a, False) for x, a, b in toy_pairs(32, seed=3)]
-    assert pairwise_accuracy(rm, held_out) >= 0.95
+    # held-out pairs in both orders: the truth is a label, 1 for the preferred side
+    prompts, chosen, rejected = zip(*(toy_pairs(32, seed=2) + toy_pairs(32, seed=3)))
+    first, second = list(chosen[:32] + rejected[32:]), list(rejected[:32] + chosen[32:])
+    first_wins = [1] * 32 + [0] * 32
+    accuracy = pairwise_accuracy(score(rm, prompts, first), score(rm, prompts, second), first_wins,
+                                 [1 - w for w in first_wins])
+    assert accuracy >= 0.95
 
 
-def test_pairwise_accuracy_counts_ties_as_one_half():
+def test_pairwise_accuracy_counts_ties_as_one_half_and_skips_pairs_the_truth_ties():
+    # (r_a, r_b, truth_a, truth_b): right, right, wrong, a tie of r, and a pair the truth ties (skipped)
+    rewards_a, rewards_b = [2.0, -1.0, 0.5, 0.3, 9.0], [1.0, 0.0, 0.7, 0.3, 0.0]
+    truth_a, truth_b = [1.0, 0.0, 1.0, 1.5, 2.0], [0.0, 1.0, 0.0, 0.0, 2.0]
+    # (1 + 1 + 0 + 0.5) / 4
+    assert pairwise_accuracy(rewards_a, rewards_b, truth_a, truth_b) == pytest.approx(0.625)
+    # labels as the truth, tensors as rewards, the same answer
+    assert pairwise_accuracy(torch.tensor(rewards_a[:4]), torch.tensor(rewards_b[:4]), [1, 0, 1, 1],
+                             [0, 1, 0, 0]) == pytest.approx(0.625)
+    # every pair tied by the truth: no accuracy to report
+    assert pairwise_accuracy([1.0], [0.0], [0.3], [0.3]) is None
+
+
+def test_embed_and_score_gives_the_features_and_the_head_on_them():
     rm = toy_reward_model(random_head=True)
-    prompt, x, y = [3, 4], [9, 10], [11, 12]
-    rx, ry = score(rm, [prompt, prompt], [x, y]).tolist()
-    assert rx != ry
-    if rx < ry:
-        x, y = y, x                                                             # so that r(x) > r(y)
-    # right, right, wrong, tie (the same response twice): (1 + 1 + 0 + 0.5) / 4
-    comparisons = [(prompt, x, y, True), (prompt, y, x, False), (prompt, y, x, True), (prompt, x, x, True)]
-    assert pairwise_accuracy(rm, comparisons) == pytest.approx(0.625)
-    # a zero head scores everything 0: every comparison is a tie
-    assert pairwise_accuracy(toy_reward_model(), comparisons) == pytest.approx(0.5)
+    prompts, responses = [[1, 2], [3], [4, 5, 6]], [[7], [8, 9], []]
+    features, rewards = embed_and_score(rm, prompts, responses, batch_size=2)
+    assert torch.equal(features, embed(rm, prompts, responses, batch_size=2))
+    assert torch.allclose(rewards, score(rm, prompts, responses, batch_size=2), atol=1e-6)

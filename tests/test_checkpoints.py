@@ -1,19 +1,20 @@
-"""Tests of model.py's Llama checkpoint loading, saving and LoRA, against Hugging Face transformers' Llama.
+"""Tests of checkpoints.py: Llama checkpoint loading and saving, against Hugging Face transformers' Llama.
 
 Tiny random Llamas (hidden 64, 2 layers, 4 heads, 2 kv heads: grouped-query attention) in four variants (tied and
 untied output matrix; Llama 3.1 RoPE scaling with factor 8 and 32) are written as a single-file and a sharded
 Hugging Face folder and as a Meta folder (q and k permuted, keys renamed, here in the test), and must give
 transformers' float32 logits (atol 1e-5) and its 20 greedy tokens. Seeded and offline; no test here is random.
 """
+import dataclasses
 import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers", reason="transformers' LlamaForCausalLM is the reference")
 
-from model import GPT, LoRALinear, add_lora, lora_disabled, merge_lora, rope_frequencies  # noqa: E402
+from checkpoints import expected_shapes, read_folder  # noqa: E402
+from model import GPT, GPTConfig, rope_frequencies  # noqa: E402
 
 VOCAB = 300
 LLAMA3_ROPE = dict(rope_type="llama3", low_freq_factor=1.0, high_freq_factor=4.0,
@@ -24,7 +25,7 @@ VARIANTS = {
     "llama3_x8": dict(tie_word_embeddings=False, rope_scaling={**LLAMA3_ROPE, "factor": 8.0}),
     "llama3_x32": dict(tie_word_embeddings=True, rope_scaling={**LLAMA3_ROPE, "factor": 32.0}),
 }
-# Meta's name for each Hugging Face name (written out here so that the test does not borrow model.py's table)
+# Meta's name for each Hugging Face name (written out here so that the test does not borrow checkpoints.py's table)
 META_NAME = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
              "lm_head.weight": "output.weight", "self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
              "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1",
@@ -69,7 +70,7 @@ def meta_name(hf_name: str) -> str:
 
 def to_meta(hf) -> dict:
     """The HF model's weights under Meta's names, with q and k rows permuted from HF's halves layout to Meta's
-    adjacent pairs (REFERENCES.md section 4)."""
+    adjacent pairs: HF's rotary code pairs dim j of a head with j + D/2, Meta's pairs 2i with 2i + 1."""
     c, state = hf.config, {}
     for name, w in hf.state_dict().items():
         if name == "lm_head.weight" and c.tie_word_embeddings:
@@ -189,6 +190,29 @@ def test_save_pretrained_loads_in_transformers_and_back(checkpoints, variant, tm
         torch.testing.assert_close(ours(IDS), hf(IDS).logits, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("overrides", [
+    dict(tie_embeddings=True),                                   # tied, GQA (the tiny preset)
+    dict(tie_embeddings=False),                                  # untied, GQA
+    dict(n_head=4, n_kv_head=4, tie_embeddings=False),           # untied, MHA
+    dict(dim=96, n_head=6, n_kv_head=1, ffn_hidden=256, n_layer=3, vocab_size=300),  # tied, one k/v head
+])
+def test_shape_table_equals_the_models_state_dict(overrides):
+    """checkpoints.py writes Llama's layout out rather than build a GPT: it must be GPT's state dict exactly."""
+    config = GPTConfig.preset("tiny", **overrides)
+    with torch.device("meta"):  # shapes only
+        shapes = {name: tuple(t.shape) for name, t in GPT(config).state_dict().items()}
+    if config.tie_embeddings:
+        del shapes["output.weight"]  # a tied output matrix is stored once, as tok_embeddings.weight
+    assert list(expected_shapes(dataclasses.asdict(config)).items()) == list(shapes.items())
+
+
+@pytest.mark.parametrize("fmt", ["single", "sharded", "meta"])
+def test_read_folder_gives_every_config_field(checkpoints, fmt):
+    """A field the readers forgot would silently take GPTConfig's default in from_pretrained."""
+    fields, _ = read_folder(checkpoints["llama3_x8"][2][fmt])
+    assert fields.keys() == {f.name for f in dataclasses.fields(GPTConfig)}
+
+
 # --- bad input: one ValueError that names the file and the key ---
 
 def copy_folder(src, dst):
@@ -256,82 +280,3 @@ def test_shape_not_matching_the_config_is_refused(checkpoints, tmp_path):
     with pytest.raises(ValueError, match=r"^model.safetensors: tensor model.layers.0.mlp.(gate|up|down)_proj.weight "
                                          r"has shape \((128, 64|64, 128)\) but config.json implies"):
         GPT.from_pretrained(folder)
-
-
-# --- LoRA ---
-
-def sequence_logps(logits, tokens, mask):
-    """Sum over t >= 1 of mask[:, t] * log p(tokens[:, t] | tokens[:, :t]) (the definition in DESIGN.md)."""
-    logps = F.log_softmax(logits[:, :-1].float(), -1).gather(2, tokens[:, 1:, None])[..., 0]
-    return (logps * mask[:, 1:]).sum(-1)
-
-
-def dpo_step(model, optimizer, beta=0.1):
-    """One DPO step (Rafailov et al. 2023, eq. 7) on a fixed pair; the reference is the model with adapters off."""
-    chosen, rejected, mask = IDS[:1], IDS[1:], torch.ones(1, IDS.shape[1])
-    with torch.no_grad(), lora_disabled(model):
-        ref_chosen, ref_rejected = sequence_logps(model(chosen), chosen, mask), sequence_logps(model(rejected),
-                                                                                               rejected, mask)
-    margin = (sequence_logps(model(chosen), chosen, mask) - ref_chosen) - \
-             (sequence_logps(model(rejected), rejected, mask) - ref_rejected)
-    loss = -F.logsigmoid(beta * margin).mean()
-    optimizer.zero_grad()
-    loss.backward()
-    optimizer.step()
-
-
-@pytest.fixture
-def base_model(checkpoints):
-    return load(checkpoints["llama3_x32"][2]["single"], "llama3_x32")  # tied and scaled
-
-
-def test_fresh_adapters_leave_the_logits_unchanged(base_model):
-    with torch.no_grad():
-        before = base_model(IDS)
-        add_lora(base_model, rank=4, alpha=8)
-        assert torch.equal(base_model(IDS), before)  # B = 0: the update is exactly zero
-    assert sum(isinstance(m, LoRALinear) for m in base_model.modules()) == 2 * 7
-
-
-def test_dpo_step_changes_only_adapters_and_disabled_adapters_give_the_base(base_model):
-    with torch.no_grad():
-        base_logits = base_model(IDS)
-    add_lora(base_model, rank=4)
-    before = {name: t.clone() for name, t in base_model.state_dict().items()}
-    trainable = [p for p in base_model.parameters() if p.requires_grad]
-    assert len(trainable) == 2 * 2 * 7  # A and B of 7 projections in 2 layers, nothing else
-    optimizer = torch.optim.AdamW(trainable, lr=1e-2, weight_decay=0.0)
-    for _ in range(2):
-        dpo_step(base_model, optimizer)
-    after = base_model.state_dict()
-    changed = {name for name in before if not torch.equal(before[name], after[name])}
-    assert changed and all(name.endswith(("lora_A", "lora_B")) for name in changed)
-    assert "layers.0.attention.wq.lora_B" in changed
-    with torch.no_grad():
-        assert not torch.equal(base_model(IDS), base_logits)
-        with lora_disabled(base_model):
-            assert torch.equal(base_model(IDS), base_logits)
-        assert all(m.enabled for m in base_model.modules() if isinstance(m, LoRALinear))  # restored
-
-
-def test_merged_adapters_save_and_load_with_the_same_logits(base_model, tmp_path):
-    add_lora(base_model, rank=4, alpha=8)
-    torch.manual_seed(2)
-    for m in base_model.modules():
-        if isinstance(m, LoRALinear):
-            torch.nn.init.normal_(m.lora_B, std=0.05)  # as if trained
-    with torch.no_grad():
-        adapted = base_model(IDS)
-        merge_lora(base_model)
-        assert not any(isinstance(m, LoRALinear) for m in base_model.modules())
-        torch.testing.assert_close(base_model(IDS), adapted, atol=1e-5, rtol=0)
-        base_model.save_pretrained(tmp_path)
-        torch.testing.assert_close(GPT.from_pretrained(tmp_path).eval()(IDS), adapted, atol=1e-5, rtol=0)
-        hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
-        torch.testing.assert_close(hf(IDS).logits, adapted, atol=1e-5, rtol=0)
-
-
-def test_save_pretrained_refuses_unmerged_adapters(base_model, tmp_path):
-    add_lora(base_model, rank=2)
-    with pytest.raises(ValueError, match="merge_lora"):
-        base_model.save_pretrained(tmp_path)

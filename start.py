@@ -1,0 +1,191 @@
+"""
+The start of a run: the device, the tokenizer, the prompts and pi0.
+
+What it owns: picking the device; the synthetic world's word-level tokenizer; pi0 by supervised fine-tuning (SFT)
+on the world's corpus, cached in the run's cache folder under the settings it was built with; prompt files; and
+loading a Llama 3.x checkpoint as pi0 instead. `start(settings, device, cache_dir)` returns all three for
+iterate.py.
+
+SFT is plain next-token cross-entropy on the response tokens (the prompt is context), with train.fit.
+
+    python -m pytest tests/test_start.py -q
+"""
+import json
+import os
+import random
+import time
+from dataclasses import asdict
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+from model import GPT, GPTConfig
+from oracle import World
+from tokenizer import Tokenizer
+from train import collate, fit, shuffled_batches
+
+
+def pick_device(name: str) -> torch.device:
+    """`name` itself, or with "auto" the first of cuda, mps and cpu that this machine has."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def world_tokenizer() -> Tokenizer:
+    """The synthetic world's word-level tokenizer, fit on every prompt as Tokenizer.encode_prompt writes it and on
+    2000 corpus responses (the same for every seed: the phrase book is fixed, and 2000 responses hold all its
+    words)."""
+    world = World(seed=0)
+    texts = [prompt + "\n" for prompt in world.prompts] + [response for _, response in world.sft_corpus(2000, seed=0)]
+    return Tokenizer.from_texts(texts, name="world words")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# caching a model under the settings it was built with
+
+def save_cached(path, key, **entries):
+    """Write `entries` (a state dict, a config, labelled pairs...) under `key`, the settings they were built with."""
+    torch.save({"key": key, **entries}, path)
+
+
+def load_cached(path, key, what):
+    """The saved entries of a cached model if its settings match `key`; None (with a logged reason) otherwise.
+    key None: whatever settings it was built with."""
+    if not os.path.exists(path):
+        return None
+    saved = torch.load(path, weights_only=True, map_location="cpu")  # weights only: a file must not run code
+    if key is not None and saved.get("key") != key:
+        print(f"{path}: cached {what} was built with other settings; rebuilding it "
+              f"(cached {saved.get('key')}, wanted {key})")
+        return None
+    print(f"{path}: reusing the cached {what}")
+    return saved
+
+
+def load_cached_gpt(path) -> GPT:
+    """A cached pi0 (pi0.pt) as a GPT in eval mode, whatever settings it was built with."""
+    saved = load_cached(path, None, "model")
+    if saved is None:
+        raise FileNotFoundError(f"{path}: no such cached model")
+    model = GPT(GPTConfig(**saved["config"]))
+    model.load_state_dict(saved["model"])
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SFT: pi0
+
+def sft_loss(model, tokens, mask, response_mask):
+    """Next-token cross-entropy on response tokens only; the prompt is context."""
+    logits = model(tokens, mask)[:, :-1]                  # [B, T-1, V] predicts tokens[:, 1:]
+    targets, counted = tokens[:, 1:], response_mask[:, 1:]
+    return F.cross_entropy(logits[counted], targets[counted])
+
+
+def sft_corpus_tokens(world, tokenizer, examples: int, max_new_tokens: int, chat: str, seed: int):
+    """The world's SFT corpus as (prompt tokens, response tokens + end token) pairs; a rambling response is cut
+    where sampling would cut it."""
+    return [(tokenizer.encode_prompt(prompt, chat), tokenizer.encode(response, eos=True)[:max_new_tokens])
+            for prompt, response in world.sft_corpus(examples, seed=seed)]
+
+
+def train_sft(model, corpus, steps: int, lr: float, batch_size: int, seed: int, device) -> float:
+    """Fit `model` to the corpus in place; returns the last step's loss."""
+    prompts, responses = zip(*corpus)
+    batches = (collate([prompts[i] for i in idx], [responses[i] for i in idx], device)
+               for idx in shuffled_batches(len(corpus), batch_size, seed))
+    history = fit(model, lambda batch: (sft_loss(model, *batch), {}), batches, steps, lr,
+                  warmup=steps // 20, weight_decay=0.1, desc="SFT pi0", device=device)
+    return history[-1]["loss"]
+
+
+def pi0_key(settings, tokenizer) -> dict:
+    """The settings pi0 depends on: a cached pi0 is reused only when all of them match."""
+    names = ("seed", "preset", "sft_examples", "sft_steps", "sft_batch", "sft_lr", "max_new_tokens")
+    return {"tokenizer": f"{tokenizer.model.name}, {tokenizer.n_vocab} ids",
+            **{name: getattr(settings, name) for name in names}}
+
+
+def make_pi0(world, tokenizer, settings, device, cache_dir) -> GPT:
+    """pi0 = SFT on the world's corpus, or the cached one built with the same settings."""
+    key = pi0_key(settings, tokenizer)
+    path = os.path.join(cache_dir, "pi0.pt")
+    torch.manual_seed(settings.seed)
+    saved = load_cached(path, key, "pi0")
+    config = GPTConfig.preset(settings.preset, vocab_size=tokenizer.n_vocab)
+    model = GPT(config if saved is None else GPTConfig(**saved["config"])).to(device)
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        return model.eval()
+    corpus = sft_corpus_tokens(world, tokenizer, settings.sft_examples, settings.max_new_tokens, settings.chat,
+                               settings.seed)
+    clock = time.time()
+    loss = train_sft(model, corpus, settings.sft_steps, settings.sft_lr, settings.sft_batch, settings.seed, device)
+    print(f"SFT: {settings.sft_steps} steps in {time.time() - clock:.1f} s, final loss {loss:.3f}")
+    save_cached(path, key, config=asdict(model.config), model=model.state_dict())
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# prompt files and Llama checkpoints
+
+def load_prompts(path: str) -> list[str]:
+    """Prompts from a JSON-lines file, one {"prompt": "..."} per line; blank lines are skipped."""
+    prompts = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{number}: not JSON ({error.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+                raise ValueError(f'{path}:{number}: expected an object with a string "prompt"')
+            prompts.append(record["prompt"])
+    if len(prompts) < 4:
+        raise ValueError(f"{path}: needs at least 4 prompts (training and held-out), found {len(prompts)}")
+    return prompts
+
+
+def file_prompts(path: str, n_eval: int, seed: int) -> SimpleNamespace:
+    """A seeded split of a prompt file: held-out prompts for evaluation, the rest for training (the two
+    attributes a World has)."""
+    prompts = load_prompts(path)
+    random.Random(seed).shuffle(prompts)
+    n_eval = min(n_eval, len(prompts) // 2)
+    return SimpleNamespace(eval_prompts=prompts[:n_eval], train_prompts=prompts[n_eval:])
+
+
+def load_checkpoint(folder, dtype_name: str, device, rope_scaling_factor=None):
+    """pi0 and its tokenizer from a Meta or Hugging Face Llama folder; dtype "auto" is bfloat16 on CUDA."""
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(dtype_name)
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    tokenizer = Tokenizer.from_pretrained(folder)
+    pi0 = GPT.from_pretrained(folder, dtype=dtype, device=device, rope_scaling_factor=rope_scaling_factor)
+    try:
+        tokenizer.check_fits(pi0.config.vocab_size)
+    except ValueError as error:
+        raise ValueError(f"{folder}: {error}") from None
+    print(f"pi0 from {folder}: {pi0.num_params() / 1e6:.1f} M parameters, {dtype}")
+    return tokenizer, pi0.eval()
+
+
+def start(settings, device, cache_dir):
+    """The tokenizer, the prompts (train_prompts and eval_prompts) and pi0: SFT on the synthetic world (cached),
+    or a Llama checkpoint (--init)."""
+    world = World(seed=settings.seed)
+    prompt_source = world if settings.prompts is None else file_prompts(settings.prompts, settings.eval_prompts,
+                                                                          settings.seed)
+    if settings.init is None:
+        tokenizer = world_tokenizer()
+        return tokenizer, prompt_source, make_pi0(world, tokenizer, settings, device, cache_dir)
+    tokenizer, pi0 = load_checkpoint(settings.init, settings.dtype, device, settings.rope_scaling_factor)
+    return tokenizer, prompt_source, pi0
