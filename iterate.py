@@ -387,6 +387,7 @@ def timed(seconds: dict, key: str):
 def run(settings: Settings) -> list[dict]:
     """Algorithm 2 end to end; returns the rows written to metrics.jsonl."""
     s = settings
+    torch.manual_seed(s.seed)  # what draws from torch's global generator (LoRA's init, a head's) is seeded too
     if s.threads:
         torch.set_num_threads(s.threads)
     device, cache_dir = pick_device(s.device), s.cache or s.out
