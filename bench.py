@@ -32,13 +32,13 @@ def training_speed(config, batch=16, length=128, steps=10):
     tokens = torch.randint(0, config.vocab_size, (batch, length))
     for step in range(steps + 2):
         if step == 2:  # two warm-up steps
-            start = time.time()
+            clock = time.time()
         logits = model(tokens[:, :-1])
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    return steps * batch * (length - 1) / (time.time() - start)
+    return steps * batch * (length - 1) / (time.time() - clock)
 
 
 @torch.no_grad()
@@ -53,12 +53,12 @@ def uncached_sample(model, prompts, max_new_tokens, generator):
 
 def sampling_speed(model, batch=32, prompt_length=48, new_tokens=64):
     prompts = torch.randint(0, 256, (batch, prompt_length)).tolist()
-    start = time.time()
+    clock = time.time()
     model.generate(prompts, new_tokens, generator=torch.Generator().manual_seed(0))
-    cached = batch * new_tokens / (time.time() - start)
-    start = time.time()
+    cached = batch * new_tokens / (time.time() - clock)
+    clock = time.time()
     uncached_sample(model, prompts, new_tokens, torch.Generator().manual_seed(0))
-    return cached, batch * new_tokens / (time.time() - start)
+    return cached, batch * new_tokens / (time.time() - clock)
 
 
 def pi0_statistics(pi0, tokenizer, world, n_prompts=256, best_of=64, best_prompts=64):
@@ -68,19 +68,19 @@ def pi0_statistics(pi0, tokenizer, world, n_prompts=256, best_of=64, best_prompt
     generator = torch.Generator().manual_seed(0)
     responses = sample(pi0, prompt_tokens, cap, 1.0, tokenizer.stop_ids, generator)
     texts = [tokenizer.decode_response(r) for r in responses]
-    rewards = np.array([oracle.reward(p, t) for p, t in zip(prompts, texts)])
+    rewards = np.array([oracle.reward(p, t, tokenizer.stopped(r)) for p, t, r in zip(prompts, texts, responses)])
     print(f"pi0 on {n_prompts} held-out prompts (temperature 1.0): gold reward mean {rewards.mean():+.2f}, "
           f"p10 {np.percentile(rewards, 10):+.2f}, p90 {np.percentile(rewards, 90):+.2f}; finished with the end "
-          f"token {np.mean([r[-1] in tokenizer.stop_ids for r in responses]):.2f}; distinct "
+          f"token {np.mean([tokenizer.stopped(r) for r in responses]):.2f}; distinct "
           f"{len(set(texts)) / len(texts):.2f}")
-    start = time.time()
+    clock = time.time()
     best = []
     for prompt, tokens in zip(prompts[:best_prompts], prompt_tokens[:best_prompts]):
         samples = sample(pi0, [tokens] * best_of, cap, 1.0, tokenizer.stop_ids, generator)
-        best.append(max(oracle.reward(prompt, tokenizer.decode_response(s)) for s in samples))
+        best.append(max(oracle.reward(prompt, tokenizer.decode_response(s), tokenizer.stopped(s)) for s in samples))
     print(f"best of {best_of} samples per prompt ({best_prompts} prompts): mean {np.mean(best):+.2f}, "
           f"best {max(best):+.2f}, share reaching the maximum r* {REWARD_MAX} {np.mean(np.isclose(best, REWARD_MAX)):.2f} "
-          f"({time.time() - start:.0f} s)")
+          f"({time.time() - clock:.0f} s)")
 
 
 def diagnose_run(run, tokenizer, n_prompts=256):
@@ -105,7 +105,7 @@ def diagnose_run(run, tokenizer, n_prompts=256):
         responses = sample(model, prompt_tokens, cap, 1.0, tokenizer.stop_ids, torch.Generator().manual_seed(0))
         samples[name] = responses
         texts = [tokenizer.decode_response(r) for r in responses]
-        parts = [reward_parts(p, t) for p, t in zip(prompts, texts)]
+        parts = [reward_parts(p, t, tokenizer.stopped(r)) for p, t, r in zip(prompts, texts, responses)]
         print(f"{name:>6}: " + "  ".join(f"{k} {np.mean([x[k] for x in parts]):+.2f}" for k in parts[0]))
         # does the model read the prompt? the asked topic scores >= +1.0 and the asked greeting >= +0.5 (the
         # corpus has each in 30 % of its responses; a prompt-blind model hits the topic 1 time in 40)
@@ -115,11 +115,11 @@ def diagnose_run(run, tokenizer, n_prompts=256):
     rm = reward.RewardModel(GPT(pi0.config))
     rm.load_state_dict(saved["model"])
     second = sample(pi0, prompt_tokens, cap, 1.0, tokenizer.stop_ids, torch.Generator().manual_seed(1))
-    first_texts, second_texts = ([tokenizer.decode_response(r) for r in rs] for rs in (samples["pi0"], second))
     keys = ("total", "topic", "tone")
     gold = np.array([[sum(parts.values()), parts["topic"], parts["tone"]]
-                     for texts in (first_texts, second_texts) for parts in
-                     (reward_parts(p, t) for p, t in zip(prompts, texts))]).reshape(2, -1, len(keys))
+                     for responses in (samples["pi0"], second) for parts in
+                     (reward_parts(p, tokenizer.decode_response(r), tokenizer.stopped(r))
+                      for p, r in zip(prompts, responses))]).reshape(2, -1, len(keys))
     proxy = [reward.score(rm.eval(), prompt_tokens, rs) for rs in (samples["pi0"], second)]
     # on the pairs where that part of r* differs, does the reward model order them as the part does?
     accuracies = []

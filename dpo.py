@@ -17,7 +17,7 @@ padding excluded.
 What it simplifies: the reference log-probs are computed once per data set before training (the reference model
 need not be in memory while the policy trains); no gradient accumulation. Plain DPO lets both chosen and rejected
 log-probs fall (the history logs both means so the reader can see it); `nll_weight` adds the chosen responses'
-per-token NLL (RPO), which iterate.py uses by default to keep the chosen side up.
+per-token NLL (RPO), an option of iterate.py (`--nll-weight`), not its default.
 
     python dpo.py   # fits a tiny random model to a toy preference and prints the margin and accuracy
 """

@@ -35,7 +35,9 @@ class HeldOut:
     prompt_tokens: list[list[int]]
     pi0_responses: list[list[int]]
     pi0_texts: list[str]
+    pi0_finished: list[bool]      # whether each stopped (False: cut off by the token cap)
     pi0_rewards: list[float]      # r* of pi0's samples
+    pi0_parts: list[dict]         # and its parts
 
 
 def make_held_out(pi0, prompts, tokenizer, oracle, chat, max_new_tokens, generator) -> HeldOut:
@@ -43,8 +45,10 @@ def make_held_out(pi0, prompts, tokenizer, oracle, chat, max_new_tokens, generat
     prompt_tokens = [tokenizer.encode_prompt(p, chat) for p in prompts]
     pi0_responses = sample(pi0, prompt_tokens, max_new_tokens, 1.0, tokenizer.stop_ids, generator)
     pi0_texts = [tokenizer.decode_response(r) for r in pi0_responses]
-    return HeldOut(prompts, prompt_tokens, pi0_responses, pi0_texts,
-                   [oracle.reward(p, t) for p, t in zip(prompts, pi0_texts)])
+    pi0_finished = [tokenizer.stopped(r) for r in pi0_responses]
+    return HeldOut(prompts, prompt_tokens, pi0_responses, pi0_texts, pi0_finished,
+                   [oracle.reward(p, t, f) for p, t, f in zip(prompts, pi0_texts, pi0_finished)],
+                   [oracle.reward_parts(p, t, f) for p, t, f in zip(prompts, pi0_texts, pi0_finished)])
 
 
 def kl_estimate(policy, pi0, prompt_tokens, responses) -> torch.Tensor:
@@ -57,27 +61,34 @@ def kl_estimate(policy, pi0, prompt_tokens, responses) -> torch.Tensor:
 
 def evaluate(policy, pi0, rm, held_out: HeldOut, oracle, tokenizer, max_new_tokens, generator):
     """One fresh sample of the policy per held-out prompt at temperature 1.0, against pi0's fixed sample.
-    Returns (the metrics of the row, the sampled texts)."""
+    Returns (the metrics of the row, the sampled (text, finished) pairs)."""
     prompts, prompt_tokens = held_out.prompts, held_out.prompt_tokens
     responses = sample(policy, prompt_tokens, max_new_tokens, 1.0, tokenizer.stop_ids, generator)
-    texts = [tokenizer.decode_response(r) for r in responses]
+    texts, finished = [tokenizer.decode_response(r) for r in responses], [tokenizer.stopped(r) for r in responses]
     kl = kl_estimate(policy, pi0, prompt_tokens, responses)
-    gold = np.array([oracle.reward(p, t) for p, t in zip(prompts, texts)])
+    gold = np.array([oracle.reward(p, t, f) for p, t, f in zip(prompts, texts, finished)])
     proxy = reward.score(rm, prompt_tokens, responses)
-    win_rate, win_rate_se = soft_win_rate(oracle, prompts, texts, held_out.pi0_texts)
-    # the reward model's held-out accuracy: does it order (policy sample, pi0 sample) as r* does?
+    against_pi0 = (prompts, texts, held_out.pi0_texts, finished, held_out.pi0_finished)
+    win_rate, win_rate_se = soft_win_rate(oracle, *against_pi0)
+    # the reward model's held-out accuracy: does it order (policy sample, pi0 sample) as r* does? And as the two
+    # parts that ask it to read the prompt do, on the pairs where that part differs?
     proxy_pi0 = reward.score(rm, prompt_tokens, held_out.pi0_responses)
     rm_accuracy = reward.pairwise_accuracy(proxy, proxy_pi0, gold, held_out.pi0_rewards)
+    parts = [oracle.reward_parts(p, t, f) for p, t, f in zip(prompts, texts, finished)]
+    by_part = {f"rm_accuracy_{k}": reward.pairwise_accuracy(proxy, proxy_pi0, [x[k] for x in parts],
+                                                             [x[k] for x in held_out.pi0_parts])
+               for k in ("topic", "tone")}
     return {
         "win_rate": win_rate, "win_rate_se": win_rate_se,
-        "hard_win_rate": hard_win_rate(oracle, prompts, texts, held_out.pi0_texts)[0],
+        "hard_win_rate": hard_win_rate(oracle, *against_pi0)[0],
         "kl": kl.mean().item(), "kl_se": kl.std().item() / math.sqrt(len(kl)),
         "reward": float(gold.mean()), "proxy_reward": proxy.mean().item(),
         "length": float(np.mean([len(r) for r in responses])),
-        "finished": float(np.mean([len(r) > 0 and r[-1] in tokenizer.stop_ids for r in responses])),
+        "finished": float(np.mean(finished)),
         "malformed": float(np.mean([malformed(t) for t in texts])),
-        "rm_accuracy": rm_accuracy,
-    }, texts
+        "rm_accuracy": rm_accuracy, **by_part,
+        "topic_share": float(np.mean([x["topic"] >= 1.0 for x in parts])),   # names the asked topic
+    }, list(zip(texts, finished))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -119,14 +130,15 @@ def plot_curves(metrics, path):
     plt.close(fig)
 
 
-def write_evaluation(out, metrics, row, texts, held_out: HeldOut, oracle, show: int):
+def write_evaluation(out, metrics, row, samples, held_out: HeldOut, oracle, show: int):
     """Append the row to metrics.jsonl and `show` samples to samples.txt; redraw curves.png; print the line."""
     metrics.append(row)
     with open(os.path.join(out, "metrics.jsonl"), "a") as f:
         f.write(json.dumps(row) + "\n")
     with open(os.path.join(out, "samples.txt"), "a") as f:
         f.write(f"=== iteration {row['iteration']}\n")
-        for prompt, text in list(zip(held_out.prompts, texts))[:show]:
-            f.write(f"{prompt}\n  r* {oracle.reward(prompt, text):+.2f}  {text}\n")
+        for prompt, (text, finished) in list(zip(held_out.prompts, samples))[:show]:
+            cut = "" if finished else "  [cut off]"
+            f.write(f"{prompt}\n  r* {oracle.reward(prompt, text, finished):+.2f}  {text}{cut}\n")
     plot_curves(metrics, os.path.join(out, "curves.png"))
     print(summary(row))

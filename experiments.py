@@ -38,8 +38,9 @@ ARMS = {
     "labeler-rm": ["--labeler", "rm"],
     "reference-previous": ["--reference", "previous"],
     "restart": ["--restart"],
-    "n2": ["--n", "2"],
+    "n2": ["--n", "2", "--pairs-per-prompt", "1"],
     "n4": ["--n", "4"],
+    "rpo": ["--nll-weight", "5"],
 }
 SUMMARY_KEYS = ("win_rate", "kl", "reward", "proxy_reward", "length", "labels")
 DIGITS = {"kl": 2, "reward": 2, "proxy_reward": 2, "length": 1, "labels": 0}  # decimals shown; 3 otherwise

@@ -12,13 +12,15 @@ Feedback" (Xiong et al. 2024, Algorithm 1), labelled by the synthetic oracle of 
             uncertainty: the sample farthest from the main one in ||phi(a1) - phi(a2)||_{Sigma^-1} (Algorithm 1)
             random     : two samples, no ranking                  (plain online DPO)
             offline    : the same pairs drawn from pi0 up front   (the baseline)
-        label:    the oracle draws y ~ Bernoulli(P(main > enhancer)) (or r_hat decides: --labeler rm)
-        DPO:      pi_t from pi_{t-1} on the new pairs, reference pi0
-        refit:    r_hat on all oracle labels so far
+        label:    the oracle draws y ~ Bernoulli(P(main > enhancer)) (or r_hat decides: --labeler rm); a response
+                  cut off by the token cap is judged unfinished
+        DPO:      pi_t from pi_{t-1} on the new pairs, reference pi0, plain sigmoid DPO (eq. 5): no NLL term,
+                  no label smoothing (both are options)
+        refit:    r_hat = the MLE on all oracle labels so far: epochs until a held-out tenth stops improving
         evaluate: win-rate against pi0, KL(pi_t || pi0) on held-out prompts (evaluate.py)
 
-Simplified on purpose: the reward model is refit by continuing from its previous weights on all labels so far
-(not re-initialised from pi0), and the enhancer searches among the n samples rather than training a second policy.
+Simplified on purpose: each refit starts from the previous reward model's weights (--rm-refit-from pi0 starts
+from pi0 instead), and the enhancer searches among the n samples rather than training a second policy.
 
     python iterate.py                 # the default synthetic world on the CPU, a few minutes
     python iterate.py --help
@@ -27,6 +29,7 @@ import argparse
 import contextlib
 import copy
 import json
+import math
 import os
 import random
 import time
@@ -93,8 +96,10 @@ class Settings:
     # reward model
     rm_labels: int = option(1024, "oracle-labelled pi0 pairs for the first reward model (L0; counted in labels "
                                   "spent)")
-    rm_steps: int = option(150, "reward-model steps per fit")
-    rm_refit_steps: int = option(30, "steps of each per-iteration refit (continues from the previous reward model)")
+    rm_max_epochs: int = option(10, "cap on the epochs of each reward-model fit (the first and every refit); a fit "
+                                    "stops earlier when the loss on a held-out tenth of the labels stops falling")
+    rm_refit_from: str = option("previous", "where each refit starts: the previous reward model (warm) or pi0 with "
+                                            "a fresh head", choices=("previous", "pi0"))
     rm_batch: int = option(32, "reward-model batch size (pairs)")
     rm_trainable_layers: int = option(-1, "top blocks of the pi0 backbone the reward model fine-tunes (-1: all)")
     rm_lr: float = option(1e-3, "reward-model peak learning rate")
@@ -120,11 +125,11 @@ class Settings:
     loss: str = option("dpo", "preference loss", choices=("dpo", "ipo"))
     beta: float = option(0.1, "KL weight beta (eta in the papers)")
     label_smoothing: float = option(0.0, "conservative DPO's label noise epsilon")
-    nll_weight: float = option(5.0, "weight of the chosen responses' per-token NLL added to the loss (RPO); 0 is "
-                                    "plain DPO")
-    dpo_epochs: float = option(4.0, "passes over each iteration's pairs")
+    nll_weight: float = option(0.0, "weight of the chosen responses' per-token NLL added to the loss (RPO); 0, "
+                                    "the default, is plain DPO")
+    dpo_epochs: float = option(2.0, "passes over each iteration's pairs (the paper: 2)")
     dpo_batch: int = option(16, "pairs per DPO step")
-    dpo_lr: float = option(6e-4, "DPO peak learning rate")
+    dpo_lr: float = option(2e-4, "DPO peak learning rate (4e-4 collapsed on seed 2: KL 33 nats in iteration 3)")
     # evaluation
     eval_prompts: int = option(384, "held-out prompts for win-rate and KL")
     show: int = option(4, "sample responses written per iteration")
@@ -141,6 +146,23 @@ class Settings:
             raise ValueError(f"--n must be at least 2 to form a pair, got {self.n}")
         if self.pairs_per_prompt < 1:
             raise ValueError(f"--pairs-per-prompt must be at least 1, got {self.pairs_per_prompt}")
+        if self.pairs_per_prompt > self.n // 2:  # each pair takes two samples of its own; never lowered silently
+            raise ValueError(f"--pairs-per-prompt {self.pairs_per_prompt} needs --n of at least "
+                             f"{2 * self.pairs_per_prompt}, got {self.n}")
+        for name in ("sft_examples", "sft_steps", "sft_batch", "max_new_tokens", "rm_labels", "rm_max_epochs",
+                     "rm_batch", "iterations", "prompts_per_iter", "dpo_batch", "eval_prompts"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{flag(name)} must be at least 1, got {getattr(self, name)}")
+        for name in ("sft_lr", "rm_lr", "dpo_lr", "beta", "dpo_epochs", "uncertainty_lambda"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise ValueError(f"--{flag(name)} must be a finite number > 0, got {getattr(self, name)}")
+        if not 0 <= self.label_smoothing < 0.5:  # at 0.5 a label says nothing; above, it says the opposite
+            raise ValueError(f"--label-smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if not (math.isfinite(self.nll_weight) and self.nll_weight >= 0):
+            raise ValueError(f"--nll-weight must be a finite number >= 0, got {self.nll_weight}")
+        if self.lora < 0 or (self.threads is not None and self.threads < 1) or self.show < 0:
+            raise ValueError(f"--lora and --show must be >= 0 and --threads >= 1, got {self.lora}, {self.show} and "
+                             f"{self.threads}")
         if self.lora and self.restart:
             raise ValueError("--restart with --lora is not supported: the adapters are the policy's only trained "
                              "weights")
@@ -189,6 +211,8 @@ class Candidate(NamedTuple):
     enhancer_text: str
     main_score: float
     enhancer_score: float
+    main_finished: bool = True      # whether the response stopped (False: cut off by the token cap)
+    enhancer_finished: bool = True
 
 
 def sample_candidates(policy, prompt_tokens, n: int, max_new_tokens: int, stop_ids, generator):
@@ -258,7 +282,8 @@ def collect(rule, sampler, rm, oracle, prompts, labelled, settings, tokenizer, g
     features, scores = reward.embed_and_score(rm, flat_prompts, [r for row in candidates for r in row])
     features, scores = features.view(len(prompts), s.n, -1), scores.view(len(prompts), s.n)  # [P, n, C], [P, n]
     if s.rank == "oracle":  # the upper bound: rank by the truth, paying one query per sample scored
-        scores = torch.tensor([[oracle.reward(x, t) for t in row] for x, row in zip(prompts, texts)])
+        scores = torch.tensor([[oracle.reward(x, t, tokenizer.stopped(r)) for t, r in zip(texts_row, row)]
+                               for x, texts_row, row in zip(prompts, texts, candidates)])
         oracle.queries += scores.numel()
     if rule == "random":
         triples = random_pairs(texts, rng, s.pairs_per_prompt)
@@ -268,7 +293,8 @@ def collect(rule, sampler, rm, oracle, prompts, labelled, settings, tokenizer, g
     else:  # best-worst, and offline, which ranks pi0's samples the same way
         triples = best_worst_pairs(scores, texts, s.pairs_per_prompt)
     return [Candidate(prompts[p], prompt_tokens[p], candidates[p][i], texts[p][i], candidates[p][j], texts[p][j],
-                      float(scores[p, i]), float(scores[p, j])) for p, i, j in triples]
+                      float(scores[p, i]), float(scores[p, j]), tokenizer.stopped(candidates[p][i]),
+                      tokenizer.stopped(candidates[p][j])) for p, i, j in triples]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -281,7 +307,8 @@ def label_pairs(candidates: list[Candidate], labeler: str, oracle, rng) -> list[
     labelled = []
     for c in candidates:
         if labeler == "oracle":
-            main_wins = oracle.label(c.prompt, c.main_text, c.enhancer_text, rng)
+            main_wins = oracle.label(c.prompt, c.main_text, c.enhancer_text, rng, c.main_finished,
+                                     c.enhancer_finished)
         elif c.main_score == c.enhancer_score:
             continue
         else:
@@ -292,54 +319,59 @@ def label_pairs(candidates: list[Candidate], labeler: str, oracle, rng) -> list[
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# the reward model: the first fit on oracle labels of pi0 samples, and the refit on all labels so far
+# the reward model: the maximum-likelihood fit on the first oracle labels (of pi0 samples), then on all labels so far
 
-def fit_reward_model(rm, labelled: list[Preference], settings, device, steps: int) -> float:
-    """Continue training `rm` on `labelled`; returns its mean training accuracy over the last 20 steps."""
+def new_reward_model(pi0, settings, device):
+    """r_hat initialised from pi0 (its backbone) with a zero head: every reward starts at 0."""
+    trainable = None if settings.rm_trainable_layers < 0 else settings.rm_trainable_layers
+    return reward.RewardModel(copy.deepcopy(pi0), trainable).to(device)
+
+
+def fit_reward_model(rm, labelled: list[Preference], settings, device) -> dict:
+    """The MLE of r_hat on every label in `labelled` (reward.fit_mle): epochs until a held-out tenth of the labels
+    stops improving. Returns the held-out loss and accuracy and the epochs, for metrics.jsonl."""
     s = settings
-    history = reward.train_reward_model(rm, labelled, steps, s.rm_lr, s.rm_batch, s.seed, device, weight_decay=0.0,
-                                        warmup=steps // 10)
-    return float(np.mean([h["accuracy"] for h in history[-20:]]))
+    fit = reward.fit_mle(rm, labelled, s.rm_lr, s.rm_batch, s.seed, device, max_epochs=s.rm_max_epochs)
+    return {f"rm_{key}": value for key, value in fit.items()}
 
 
 def make_reward_model(pi0, prompt_source, oracle, tokenizer, settings, device, cache_dir):
-    """r_hat initialised from pi0 and fit to L0 oracle-labelled pairs of pi0 samples (random pairs on training
-    prompts). Cached with its labelled pairs, which every later refit reuses. Returns (r_hat, its pairs)."""
+    """r_hat fit to L0 oracle-labelled pairs of pi0 samples (random pairs on training prompts). Cached with its
+    labelled pairs, which every later refit reuses. Returns (r_hat, its pairs, the fit's statistics)."""
     s = settings
-    names = ("init", "prompts", "chat", "rm_labels", "rm_steps", "rm_batch", "rm_lr", "rm_trainable_layers",
+    names = ("init", "prompts", "chat", "rm_labels", "rm_max_epochs", "rm_batch", "rm_lr", "rm_trainable_layers",
              "max_new_tokens")
     key = {"pi0": pi0_key(s, tokenizer), **{name: getattr(s, name) for name in names}}
     path = os.path.join(cache_dir, "rm0.pt")
-    rm = reward.RewardModel(copy.deepcopy(pi0), None if s.rm_trainable_layers < 0 else s.rm_trainable_layers)
-    rm = rm.to(device)
+    rm = new_reward_model(pi0, s, device)
     saved = load_cached(path, key, "first reward model")
     if saved is not None:
         rm.load_state_dict(saved["model"])
         oracle.queries += saved["queries"]
-        return rm.eval(), saved["pairs"]
+        return rm.eval(), saved["pairs"], saved["fit"]
     rng = random.Random(s.seed + 1)
     prompts = [rng.choice(prompt_source.train_prompts) for _ in range(s.rm_labels)]
     prompt_tokens = [tokenizer.encode_prompt(p, s.chat) for p in prompts]
     generator = torch.Generator(device=device).manual_seed(s.seed + 1)
     first, second = (sample(pi0, prompt_tokens, s.max_new_tokens, 1.0, tokenizer.stop_ids, generator)
                      for _ in range(2))
-    candidates = [Candidate(p, pt, a, tokenizer.decode_response(a), b, tokenizer.decode_response(b), 0.0, 0.0)
+    candidates = [Candidate(p, pt, a, tokenizer.decode_response(a), b, tokenizer.decode_response(b), 0.0, 0.0,
+                            tokenizer.stopped(a), tokenizer.stopped(b))
                   for p, pt, a, b in zip(prompts, prompt_tokens, first, second) if a != b]
     labelled = label_pairs(candidates, "oracle", oracle, np.random.default_rng(s.seed + 1))
-    fit_reward_model(rm, labelled, s, device, s.rm_steps)
+    fit = fit_reward_model(rm, labelled, s, device)
     # one query per labelled pair (the caller's oracle may have answered others before)
-    save_cached(path, key, model=rm.state_dict(), pairs=labelled, queries=len(labelled))
-    return rm.eval(), labelled
+    save_cached(path, key, model=rm.state_dict(), pairs=labelled, queries=len(labelled), fit=fit)
+    return rm.eval(), labelled, fit
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # DPO
 
-def train_policy(policy, pi0, pairs: list[Preference], settings, device, seed: int) -> dict:
-    """One iteration's DPO from the current policy; the reference is pi0 (the paper) or the policy as it was before
-    this update (--reference previous). Returns the statistics a user watches for stability."""
+def train_policy(policy, reference, pairs: list[Preference], settings, device, seed: int) -> dict:
+    """One iteration's DPO of `policy` in place, against `reference`: pi0 (the paper), or the previous iterate
+    (--reference previous). Returns the statistics a user watches for stability."""
     s = settings
-    reference = pi0 if s.reference == "pi0" else None  # None: train_dpo uses the policy before any update
     steps = max(1, round(s.dpo_epochs * len(pairs) / s.dpo_batch))
     history = dpo.train_dpo(policy, pairs, s.beta, steps, s.dpo_lr, s.dpo_batch, s.label_smoothing, s.loss,
                             reference=reference, seed=seed, device=device, warmup=max(1, steps // 10),
@@ -396,7 +428,8 @@ def run(settings: Settings) -> list[dict]:
     clock, oracle, metrics = time.time(), Oracle(), []
 
     tokenizer, prompt_source, pi0 = start(s, device, cache_dir)
-    rm, oracle_pairs = make_reward_model(pi0, prompt_source, oracle, tokenizer, s, device, cache_dir)
+    rm, oracle_pairs, rm0_fit = make_reward_model(pi0, prompt_source, oracle, tokenizer, s, device, cache_dir)
+    rm_start = new_reward_model(pi0, s, device) if s.rm_refit_from == "pi0" else None  # each refit starts here
     if s.lora:  # the policy trains adapters only; pi0 is the same weights with the adapters switched off
         policy = add_lora(pi0, s.lora)
         pi0 = AdaptersOff(policy)
@@ -407,41 +440,49 @@ def run(settings: Settings) -> list[dict]:
     rngs = random_streams(s.seed, device)
     train_order = random.Random(s.seed + 7).sample(prompt_source.train_prompts, len(prompt_source.train_prompts))
 
-    def collect_and_label(t, sampler):
+    def collect_and_label(t, sampler, explored):  # explored: every labelled pair so far (Sigma's data)
         prompts = iteration_prompts(train_order, t, s.prompts_per_iter)
         rule = "best-worst" if s.pairs == "offline" else s.pairs
-        candidates = collect(rule, sampler, rm, oracle, prompts, oracle_pairs, s, tokenizer, rngs.sample, rngs.pair)
+        candidates = collect(rule, sampler, rm, oracle, prompts, explored, s, tokenizer, rngs.sample, rngs.pair)
         return label_pairs(candidates, s.labeler, oracle, rngs.label)
 
     def record(iteration, policy, extra):
         eval_clock = time.time()
-        row, texts = evaluate(policy, pi0, rm, held_out, oracle, tokenizer, s.max_new_tokens, rngs.eval)
+        row, samples = evaluate(policy, pi0, rm, held_out, oracle, tokenizer, s.max_new_tokens, rngs.eval)
         row = {"iteration": iteration, "labels": oracle.queries, **row, **extra,
                "eval_s": round(time.time() - eval_clock, 1), "seconds": round(time.time() - clock, 1)}
-        write_evaluation(s.out, metrics, row, texts, held_out, oracle, s.show)
+        write_evaluation(s.out, metrics, row, samples, held_out, oracle, s.show)
 
-    record(0, pi0, {})
+    record(0, pi0, rm0_fit)
     if s.pairs == "offline":  # the baseline: the whole label budget spent on pi0's samples before any training
-        offline = [collect_and_label(t, pi0) for t in range(s.iterations)]
-    pi0_pairs, all_pairs = list(oracle_pairs), []
+        offline = [collect_and_label(t, pi0, oracle_pairs) for t in range(s.iterations)]
+    pi0_pairs, explored, all_pairs = list(oracle_pairs), list(oracle_pairs), []
     for t in range(s.iterations):
         seconds = {}
-        with timed(seconds, "pairs_s"):
-            new_pairs = offline[t] if s.pairs == "offline" else collect_and_label(t, policy)
+        with timed(seconds, "pairs_s"):  # collect and label
+            new_pairs = offline[t] if s.pairs == "offline" else collect_and_label(t, policy, explored)
+            explored += new_pairs
             if s.labeler == "oracle" and s.pairs != "offline":
                 oracle_pairs = oracle_pairs + new_pairs
             if s.hybrid:  # the t-th share of the first reward model's pi0 pairs joins this iteration's data
                 new_pairs = new_pairs + pi0_pairs[t * len(pi0_pairs) // s.iterations:
                                                   (t + 1) * len(pi0_pairs) // s.iterations]
             all_pairs += new_pairs
-        with timed(seconds, "dpo_s"):
-            if s.restart:
-                policy = copy.deepcopy(pi0)
-            dpo_stats = train_policy(policy, pi0, all_pairs if s.restart else new_pairs, s, device, s.seed + t)
-        with timed(seconds, "rm_s"):  # refit: the reward model on all oracle labels so far
-            refit = s.labeler == "oracle" and s.pairs != "offline"
-            rm_fit_accuracy = fit_reward_model(rm, oracle_pairs, s, device, s.rm_refit_steps) if refit else None
-        record(t + 1, policy, {"pairs": len(new_pairs), **dpo_stats, "rm_fit_accuracy": rm_fit_accuracy, **seconds})
+        with timed(seconds, "dpo_s"):  # DPO: pi_t from pi_{t-1} (or from pi0 with --restart)
+            previous, policy = policy, copy.deepcopy(pi0) if s.restart else policy
+            reference = pi0 if s.reference == "pi0" else previous
+            dpo_pairs = all_pairs if s.restart else new_pairs
+            if dpo_pairs:
+                dpo_stats = train_policy(policy, reference, dpo_pairs, s, device, s.seed + t)
+            else:  # every pair tied: nothing to learn from, so the policy stays as it is
+                print(f"iteration {t + 1}: no pairs to train on (all tied); DPO skipped")
+                dpo_stats = {"dpo_steps": 0}
+        with timed(seconds, "rm_s"):  # refit: the MLE of the reward model on all oracle labels so far
+            rm_fit = {}
+            if s.labeler == "oracle" and s.pairs != "offline":
+                rm = rm if rm_start is None else copy.deepcopy(rm_start)
+                rm_fit = fit_reward_model(rm, oracle_pairs, s, device)
+        record(t + 1, policy, {"pairs": len(new_pairs), **dpo_stats, **rm_fit, **seconds})
     if s.lora:
         merge_lora(policy)
     policy.save_pretrained(os.path.join(s.out, "policy"))  # a Hugging Face folder GPT.from_pretrained reads

@@ -15,11 +15,13 @@ r* is the sum of named parts (`reward_parts` returns them), each bounded:
 | detail     | +0.4 per distinct "It is {adjective}." sentence, up to 2                          |  0.0 | +0.8 |
 | concision  | -0.02 per character past 80 (stripped text), at most -2.0                         | -2.0 |  0.0 |
 | repetition | -0.5 per sentence that repeats an earlier one, at most -2.0                       | -2.0 |  0.0 |
-| finished   | +0.5 if the stripped text ends in . ! or ?, else -1.0 (cut off by a token cap)    | -1.0 | +0.5 |
+| finished   | +0.5 if it stopped and the stripped text ends in . ! or ?, else -1.0              | -1.0 | +0.5 |
 | spelling   | -0.5 per word outside the world's phrase book (a misspelling), at most -1.5        | -1.5 |  0.0 |
 | total      |                                                                                   | -9.5 | +4.8 |
 
-Word matches are case-insensitive and on word boundaries. The detail part is what a learned proxy can over-learn:
+Whether a response stopped is not in its text (the stop token is not text), so every function of a response takes
+`finished`: False for a response cut off by the token cap, which then scores -1.0 on the finished part whatever
+its last character. Word matches are case-insensitive and on word boundaries. The detail part is what a learned proxy can over-learn:
 more details look good until length and repetition cost more than they add.
 
 The SFT corpus mixes good and bad choices independently (each good choice is a minority), so pi0 fit to it has
@@ -90,8 +92,9 @@ def parse_prompt(prompt: str) -> tuple[str | None, str | None]:
     return (topics[-1].lower() if topics else None), (tones[0].lower() if tones else None)
 
 
-def reward_parts(prompt: str, response: str) -> dict[str, float]:
-    """The named parts of r*(prompt, response); see the table in the module docstring."""
+def reward_parts(prompt: str, response: str, finished: bool = True) -> dict[str, float]:
+    """The named parts of r*(prompt, response); see the table in the module docstring. finished=False: the
+    response was cut off by the token cap (it did not end with a stop token)."""
     _check_str("prompt", prompt)
     _check_str("response", response)
     topic, tone = parse_prompt(prompt)
@@ -112,15 +115,16 @@ def reward_parts(prompt: str, response: str) -> dict[str, float]:
     parts["concision"] = 0.0 - min(2.0, 0.02 * max(0, len(text) - MAX_CHARS))
     sentences = [" ".join(s.split()) for s in _SENTENCE_END_RE.split(low) if s.strip()]
     parts["repetition"] = 0.0 - min(2.0, 0.5 * (len(sentences) - len(set(sentences))))
-    parts["finished"] = 0.5 if text.endswith((".", "!", "?")) else -1.0
+    # a cut-off response often ends in "." at the cut: only a response that stopped can be finished
+    parts["finished"] = 0.5 if finished and text.endswith((".", "!", "?")) else -1.0
     # without this part a garbled topic word (scored 0) would beat a wrong one (-0.5): misspelling would pay
     parts["spelling"] = 0.0 - min(1.5, 0.5 * len(unknown_words(text)))
     return {k: round(v, 6) for k, v in parts.items()}  # round away float dust (0.06000000000000001)
 
 
-def reward(prompt: str, response: str) -> float:
+def reward(prompt: str, response: str, finished: bool = True) -> float:
     """r*(prompt, response) in [REWARD_MIN, REWARD_MAX]: the sum of reward_parts."""
-    return round(sum(reward_parts(prompt, response).values()), 6)
+    return round(sum(reward_parts(prompt, response, finished).values()), 6)
 
 
 def unknown_words(text: str) -> list[str]:
@@ -204,26 +208,27 @@ class Oracle:
         self.temperature = float(temperature)
         self.queries = 0
 
-    def reward(self, prompt: str, response: str) -> float:
-        return reward(prompt, response)
+    def reward(self, prompt: str, response: str, finished: bool = True) -> float:
+        return reward(prompt, response, finished)
 
-    def reward_parts(self, prompt: str, response: str) -> dict[str, float]:
-        return reward_parts(prompt, response)
+    def reward_parts(self, prompt: str, response: str, finished: bool = True) -> dict[str, float]:
+        return reward_parts(prompt, response, finished)
 
-    def prob(self, prompt: str, a: str, b: str) -> float:
-        """P(a > b | prompt) = sigmoid((r*(a) - r*(b)) / temperature), eq. 1."""
+    def prob(self, prompt: str, a: str, b: str, a_finished: bool = True, b_finished: bool = True) -> float:
+        """P(a > b | prompt) = sigmoid((r*(a) - r*(b)) / temperature), eq. 1; each side cut off or not."""
         _check_str("prompt", prompt)
         _check_str("response a", a)
         _check_str("response b", b)
-        d = (reward(prompt, a) - reward(prompt, b)) / self.temperature
+        d = (reward(prompt, a, a_finished) - reward(prompt, b, b_finished)) / self.temperature
         if d >= 0:  # the two branches keep exp from overflowing for any sign of d
             return 1.0 / (1.0 + math.exp(-d))
         e = math.exp(d)
         return e / (1.0 + e)
 
-    def label(self, prompt: str, a: str, b: str, rng: np.random.Generator) -> bool:
+    def label(self, prompt: str, a: str, b: str, rng: np.random.Generator, a_finished: bool = True,
+              b_finished: bool = True) -> bool:
         """One preference label y ~ Bernoulli(P(a > b)): True means a is preferred. Costs one query."""
-        p = self.prob(prompt, a, b)
+        p = self.prob(prompt, a, b, a_finished, b_finished)
         self.queries += 1
         return bool(rng.random() < p)
 
@@ -238,17 +243,32 @@ def _check_lengths(prompts, responses_a, responses_b):
         raise ValueError(f"need equal non-zero lengths, got {len(prompts)}, {len(responses_a)}, {len(responses_b)}")
 
 
+def _flags(finished, prompts) -> list[bool]:
+    if finished is None:
+        return [True] * len(prompts)
+    if len(finished) != len(prompts):
+        raise ValueError(f"need one finished flag per prompt, got {len(finished)} for {len(prompts)}")
+    return [bool(f) for f in finished]
+
+
 # Win-rates are evaluation with the known truth: they read r* directly and do NOT count as label queries.
-def soft_win_rate(oracle: Oracle, prompts, responses_a, responses_b) -> tuple[float, float]:
-    """Mean over prompts of P(a_i > b_i) (the Bradley-Terry win-rate) and its standard error."""
+def soft_win_rate(oracle: Oracle, prompts, responses_a, responses_b, finished_a=None,
+                  finished_b=None) -> tuple[float, float]:
+    """Mean over prompts of P(a_i > b_i) (the Bradley-Terry win-rate) and its standard error. finished_a/_b: whether
+    each response stopped (None: all did)."""
     _check_lengths(prompts, responses_a, responses_b)
-    return _mean_stderr([oracle.prob(x, a, b) for x, a, b in zip(prompts, responses_a, responses_b)])
+    finished_a, finished_b = _flags(finished_a, prompts), _flags(finished_b, prompts)
+    return _mean_stderr([oracle.prob(x, a, b, fa, fb) for x, a, b, fa, fb in
+                         zip(prompts, responses_a, responses_b, finished_a, finished_b)])
 
 
-def hard_win_rate(oracle: Oracle, prompts, responses_a, responses_b) -> tuple[float, float]:
+def hard_win_rate(oracle: Oracle, prompts, responses_a, responses_b, finished_a=None,
+                  finished_b=None) -> tuple[float, float]:
     """Mean over prompts of 1 if r*(a_i) > r*(b_i), 0.5 if equal, 0 if less; and its standard error."""
     _check_lengths(prompts, responses_a, responses_b)
-    diffs = [oracle.reward(x, a) - oracle.reward(x, b) for x, a, b in zip(prompts, responses_a, responses_b)]
+    finished_a, finished_b = _flags(finished_a, prompts), _flags(finished_b, prompts)
+    diffs = [oracle.reward(x, a, fa) - oracle.reward(x, b, fb) for x, a, b, fa, fb in
+             zip(prompts, responses_a, responses_b, finished_a, finished_b)]
     return _mean_stderr([1.0 if d > 0 else 0.5 if d == 0 else 0.0 for d in diffs])
 
 

@@ -3,7 +3,8 @@ The Bradley-Terry reward model: a scalar head on the GPT, its loss, its training
 
 What it owns: `bradley_terry_loss`, `RewardModel` (a GPT backbone, initialised by the caller from pi0, plus a
 linear head read at the last real token of each row), `score` and `embed` (batched, without gradient),
-`embed_and_score`, `train_reward_model` (on `train.fit`) and `pairwise_accuracy` (agreement with the truth).
+`embed_and_score`, `train_reward_model` (on `train.fit`), `fit_mle` (epochs until a held-out share stops improving)
+and `pairwise_accuracy` (agreement with the truth).
 
 The model behind it (RLHF Workflow eq. 1): P(a1 > a2 | x) = sigmoid(r(x, a1) - r(x, a2)). Fitting r by maximum
 likelihood on labelled pairs (a_w preferred to a_l) minimises
@@ -21,6 +22,10 @@ What it simplifies: one scalar head, no reward centring or margin term, no ensem
 
     python reward.py   # fits a tiny random reward model to a toy preference and prints its accuracy
 """
+import copy
+import math
+import random
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -119,6 +124,38 @@ def train_reward_model(rm, pairs, steps: int = 200, lr: float = 1e-4, batch_size
 
     batches = shuffled_batches(len(pairs), batch_size, seed)
     return fit(rm, loss_fn, batches, steps, lr, warmup, weight_decay, grad_clip, desc="reward", device=device)
+
+
+def fit_mle(rm, pairs, lr: float, batch_size: int, seed: int = 0, device="cpu", max_epochs: int = 10,
+            held_out_share: float = 0.1) -> dict:
+    """The maximum-likelihood fit of `rm` on every pair: epochs over all but a held-out share of them, each a pass
+    with its own cosine cycle, until the Bradley-Terry loss on the held-out pairs stops falling; the weights of the
+    best epoch are kept (at least one epoch runs: new labels always get a pass). Returns the held-out loss and
+    accuracy of the kept weights, the epochs run and the epoch kept."""
+    if len(pairs) < 2:
+        raise ValueError(f"fit_mle: needs at least 2 labelled pairs (one is held out), got {len(pairs)}")
+    order = random.Random(seed).sample(range(len(pairs)), len(pairs))
+    n_held = max(1, round(held_out_share * len(pairs)))
+    held_out, train = [pairs[i] for i in order[:n_held]], [pairs[i] for i in order[n_held:]]
+    prompts, chosen, rejected = zip(*held_out)
+
+    def held_out_fit():  # (Bradley-Terry loss, rewards of the chosen side, of the rejected side)
+        chosen_rewards, rejected_rewards = score(rm, prompts, chosen, device=device), score(rm, prompts, rejected,
+                                                                                            device=device)
+        return bradley_terry_loss(chosen_rewards, rejected_rewards).item(), chosen_rewards, rejected_rewards
+
+    steps = math.ceil(len(train) / batch_size)
+    best_loss, best_state, best_epoch = math.inf, None, 0
+    for epoch in range(1, max_epochs + 1):
+        train_reward_model(rm, train, steps, lr, batch_size, seed + epoch, device, warmup=steps // 10)
+        loss = held_out_fit()[0]
+        if loss >= best_loss:
+            break
+        best_loss, best_state, best_epoch = loss, copy.deepcopy(rm.state_dict()), epoch
+    rm.load_state_dict(best_state)
+    loss, chosen_rewards, rejected_rewards = held_out_fit()
+    accuracy = pairwise_accuracy(chosen_rewards, rejected_rewards, [1] * n_held, [0] * n_held)
+    return {"held_out_loss": loss, "held_out_accuracy": accuracy, "epochs": epoch, "epoch_kept": best_epoch}
 
 
 def pairwise_accuracy(rewards_a, rewards_b, truth_a, truth_b) -> float | None:

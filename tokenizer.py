@@ -222,6 +222,10 @@ class Tokenizer:
         stopped is told by its last id, not by its text)."""
         return self.decode([i for i in ids if i not in self.stop_ids])
 
+    def stopped(self, ids):
+        """True when a sampled response ended with a stop token; False when the token cap cut it off."""
+        return len(ids) > 0 and ids[-1] in self.stop_ids
+
     def check_fits(self, vocab_size):
         """A model's vocabulary may be larger than the tokenizer's (padded for speed), never smaller."""
         if self.n_vocab > vocab_size:

@@ -55,6 +55,9 @@ def map_batches(model, fn, prompts: list[list[int]], responses: list[list[int]],
 
 def shuffled_batches(n_examples: int, batch_size: int, seed: int):
     """Endless minibatches of example indices, reshuffled every epoch from a seeded generator."""
+    if n_examples < 1 or batch_size < 1:  # else the loop below would never yield
+        raise ValueError(f"shuffled_batches: need at least one example and a batch size >= 1, got {n_examples} "
+                         f"and {batch_size}")
     rng = random.Random(seed)
     while True:
         order = list(range(n_examples))

@@ -6,8 +6,9 @@ import torch
 
 import experiments
 
-TINY = ["--sft-examples", "500", "--sft-steps", "10", "--rm-labels", "16", "--rm-steps", "2", "--rm-refit-steps", "2",
-        "--iterations", "1", "--prompts-per-iter", "8", "--n", "2", "--eval-prompts", "16", "--max-new-tokens", "16"]
+TINY = ["--sft-examples", "500", "--sft-steps", "10", "--rm-labels", "16", "--rm-max-epochs", "2",
+        "--iterations", "1", "--prompts-per-iter", "8", "--n", "2", "--pairs-per-prompt", "1",
+        "--eval-prompts", "16", "--max-new-tokens", "16"]
 
 
 def test_arms_share_pi0_and_runs_are_reused(tmp_path, capsys):

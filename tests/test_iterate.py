@@ -9,8 +9,8 @@ import iterate
 from model import GPT, GPTConfig
 from oracle import Oracle, World
 
-MICRO = ["--sft-examples", "3000", "--sft-steps", "100", "--rm-labels", "64", "--rm-steps", "20",
-         "--rm-refit-steps", "5", "--iterations", "3", "--prompts-per-iter", "48", "--n", "4", "--eval-prompts", "128",
+MICRO = ["--sft-examples", "3000", "--sft-steps", "100", "--rm-labels", "64", "--rm-max-epochs", "2",
+         "--iterations", "3", "--prompts-per-iter", "48", "--n", "4", "--eval-prompts", "128",
          "--seed", "0"]  # measured: 28 s on 2 CPU cores, final win-rate 0.663 +- 0.023
 
 
@@ -60,6 +60,16 @@ def test_uncertainty_pairs_pick_the_farthest_sample_in_sigma_inverse_norm():
     (["--labeler", "human"], "unknown labeler 'human'"),
     (["--n", "1"], "--n must be at least 2"),
     (["--pairs-per-prompt", "0"], "--pairs-per-prompt must be at least 1"),
+    (["--restart", "--lora", "4"], "--restart with --lora is not supported"),
+    (["--n", "3", "--pairs-per-prompt", "2"], "--pairs-per-prompt 2 needs --n of at least 4, got 3"),
+    (["--beta", "0"], "--beta must be a finite number > 0, got 0.0"),
+    (["--beta", "-1"], "--beta must be a finite number > 0, got -1.0"),
+    (["--dpo-lr", "nan"], "--dpo-lr must be a finite number > 0, got nan"),
+    (["--dpo-batch", "0"], "--dpo-batch must be at least 1, got 0"),
+    (["--rm-labels", "0"], "--rm-labels must be at least 1, got 0"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1, got 0"),
+    (["--label-smoothing", "2"], "--label-smoothing must be in [0, 0.5), got 2.0"),
+    (["--threads", "0"], "--threads >= 1"),
 ])
 def test_bad_cli_input_is_refused(flags, message, capsys):
     with pytest.raises(SystemExit):
@@ -108,8 +118,9 @@ def test_loop_runs_from_a_llama_folder_with_lora_and_a_prompt_file(tmp_path):
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in World(seed=0).prompts[:16]))
     out = tmp_path / "run"
     metrics = iterate.main(["--init", str(tmp_path / "llama"), "--prompts", str(prompts), "--lora", "4",
-                            "--rm-labels", "8", "--rm-steps", "2", "--rm-refit-steps", "2", "--iterations", "1",
-                            "--prompts-per-iter", "4", "--n", "2", "--eval-prompts", "4", "--max-new-tokens", "8",
+                            "--rm-labels", "8", "--rm-max-epochs", "2", "--iterations", "1",
+                            "--prompts-per-iter", "4", "--n", "2", "--pairs-per-prompt", "1",
+                            "--eval-prompts", "4", "--max-new-tokens", "8",
                             "--dpo-lr", "1e-2", "--out", str(out)])
     assert [m["iteration"] for m in metrics] == [0, 1]
     trained = GPT.from_pretrained(out / "policy")
@@ -134,15 +145,19 @@ def test_rank_oracle_orders_pairs_by_r_star_and_counts_its_queries(small_world):
     pairs = iterate.collect("best-worst", model, rm, oracle, prompts, [], settings, tokenizer,
                             torch.Generator().manual_seed(0), None)
     assert oracle.queries == 6 * 4
-    assert pairs and all(oracle.reward(x, main) > oracle.reward(x, enhancer)
-                         for x, _, _, main, _, enhancer, _, _ in pairs)
-    assert all(main_score == oracle.reward(x, main) for x, _, _, main, _, _, main_score, _ in pairs)
+    # each side is judged as it ended: a response the 12-token cap cut off (all of a random model's) is unfinished
+    assert all(c.main_finished == tokenizer.stopped(c.main) and c.enhancer_finished == tokenizer.stopped(c.enhancer)
+               for c in pairs)
+    assert any(not c.main_finished for c in pairs)
+    assert pairs and all(oracle.reward(c.prompt, c.main_text, c.main_finished) >
+                         oracle.reward(c.prompt, c.enhancer_text, c.enhancer_finished) for c in pairs)
+    assert all(c.main_score == oracle.reward(c.prompt, c.main_text, c.main_finished) for c in pairs)
 
 
 def test_hybrid_adds_an_equal_share_of_the_pi0_pairs_each_iteration(tmp_path):
-    tiny = ["--sft-examples", "200", "--sft-steps", "2", "--rm-labels", "12", "--rm-steps", "1", "--rm-refit-steps",
-            "1", "--iterations", "2", "--prompts-per-iter", "4", "--n", "2", "--eval-prompts", "8",
-            "--max-new-tokens", "8", "--labeler", "rm", "--out", str(tmp_path)]
+    tiny = ["--sft-examples", "200", "--sft-steps", "2", "--rm-labels", "12", "--rm-max-epochs", "2", "--iterations",
+            "2", "--prompts-per-iter", "4", "--n", "2", "--pairs-per-prompt", "1",
+            "--eval-prompts", "8", "--max-new-tokens", "8", "--labeler", "rm", "--out", str(tmp_path)]
     online = iterate.main(tiny)
     hybrid = iterate.main(tiny + ["--hybrid"])
     rm0_pairs = len(torch.load(tmp_path / "rm0.pt", weights_only=True)["pairs"])
@@ -151,3 +166,33 @@ def test_hybrid_adds_an_equal_share_of_the_pi0_pairs_each_iteration(tmp_path):
     assert hybrid[1]["pairs"] - online[1]["pairs"] == rm0_pairs // 2
     assert hybrid[2]["pairs"] >= rm0_pairs - rm0_pairs // 2
     assert hybrid[-1]["labels"] == online[-1]["labels"]  # the pi0 pairs were paid for once, by the reward model
+
+
+TINY = ["--sft-examples", "200", "--sft-steps", "2", "--rm-labels", "12", "--rm-max-epochs", "1", "--iterations", "2",
+        "--prompts-per-iter", "4", "--n", "2", "--pairs-per-prompt", "1",
+        "--eval-prompts", "8", "--max-new-tokens", "8"]
+
+
+def test_restart_with_reference_previous_trains_from_pi0_against_the_previous_iterate(tmp_path, monkeypatch):
+    calls, original = [], iterate.train_policy
+
+    def spy(policy, reference, pairs, settings, device, seed):
+        calls.append((policy, reference, {k: v.clone() for k, v in policy.state_dict().items()}))
+        return original(policy, reference, pairs, settings, device, seed)
+
+    monkeypatch.setattr(iterate, "train_policy", spy)
+    iterate.main(TINY + ["--restart", "--reference", "previous", "--dpo-lr", "1e-2", "--out", str(tmp_path)])
+    (policy_1, _, start_1), (policy_2, reference_2, start_2) = calls
+    assert reference_2 is policy_1 and policy_2 is not policy_1  # the reference is iteration 1's policy...
+    assert all(torch.equal(start_1[k], start_2[k]) for k in start_1)  # ...and iteration 2 starts from pi0 again
+    assert not all(torch.equal(start_2[k], v) for k, v in policy_1.state_dict().items())  # which DPO had moved
+
+
+def test_uncertainty_with_the_reward_model_as_labeller_grows_sigma(tmp_path, monkeypatch):
+    # Sigma sums over every labelled pair so far, whoever labelled it: with --labeler rm it must still grow
+    sizes, original = [], iterate.feature_covariance
+    monkeypatch.setattr(iterate, "feature_covariance", lambda rm, pairs, lam: sizes.append(len(pairs)) or
+                        original(rm, pairs, lam))
+    iterate.main(TINY + ["--pairs", "uncertainty", "--labeler", "rm", "--out", str(tmp_path)])
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert len(sizes) == 2 and sizes[1] == sizes[0] + rows[1]["pairs"] and rows[1]["pairs"] > 0

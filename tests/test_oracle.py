@@ -235,3 +235,31 @@ def test_corpus_statistics(corpus):
     assert 0 < at_max < 0.05
     assert p90 - p10 > 3
     assert 0.01 < long < 0.2
+
+
+def test_a_cut_off_response_is_unfinished_whatever_its_last_character():
+    # the token cap can cut a response right after a full stop: only the flag tells it from one that stopped
+    cut = "Dear sir, A note on coffee. It is lovely."
+    assert oracle.reward_parts(PROMPT, cut)["finished"] == 0.5
+    assert oracle.reward_parts(PROMPT, cut, finished=False)["finished"] == -1.0
+    assert oracle.reward(PROMPT, cut) - oracle.reward(PROMPT, cut, finished=False) == pytest.approx(1.5)
+    assert Oracle().reward(PROMPT, cut, False) == oracle.reward(PROMPT, cut, finished=False)
+    # a text that does not end a sentence is unfinished either way
+    assert oracle.reward(PROMPT, "Dear sir, A note on", finished=False) == oracle.reward(PROMPT, "Dear sir, A note on")
+
+
+def test_prob_label_and_win_rates_take_each_sides_flag():
+    o, cut = Oracle(), "Dear sir, A note on coffee. It is lovely."
+    # the same text, stopped against cut off: r* differs by 1.5, so P = sigmoid(1.5)
+    assert o.prob(PROMPT, cut, cut, True, False) == pytest.approx(1 / (1 + math.exp(-1.5)))
+    assert o.prob(PROMPT, cut, cut, False, True) == pytest.approx(1 / (1 + math.exp(1.5)))
+    assert o.prob(PROMPT, cut, cut) == 0.5
+    rng = np.random.default_rng(0)
+    wins = np.mean([o.label(PROMPT, cut, cut, rng, True, False) for _ in range(4000)])
+    assert abs(wins - 1 / (1 + math.exp(-1.5))) < 0.03  # 4000 draws: standard error 0.006, so 5 of them
+    soft, _ = soft_win_rate(o, [PROMPT] * 2, [cut, cut], [cut, cut], [True, False], [False, False])
+    assert soft == pytest.approx((1 / (1 + math.exp(-1.5)) + 0.5) / 2)
+    hard, _ = hard_win_rate(o, [PROMPT] * 2, [cut, cut], [cut, cut], [True, False], [False, False])
+    assert hard == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="one finished flag per prompt"):
+        soft_win_rate(o, [PROMPT], [cut], [cut], [True, False])

@@ -101,3 +101,23 @@ def test_embed_and_score_gives_the_features_and_the_head_on_them():
     features, rewards = embed_and_score(rm, prompts, responses, batch_size=2)
     assert torch.equal(features, embed(rm, prompts, responses, batch_size=2))
     assert torch.allclose(rewards, score(rm, prompts, responses, batch_size=2), atol=1e-6)
+
+
+def test_fit_mle_trains_on_every_pair_but_the_held_out_tenth_and_keeps_the_best_epoch(monkeypatch):
+    import reward
+    seen, original = [], reward.train_reward_model
+    monkeypatch.setattr(reward, "train_reward_model",
+                        lambda rm, pairs, *args, **kwargs: seen.append(list(pairs)) or original(rm, pairs, *args,
+                                                                                                   **kwargs))
+    rm, pairs = toy_reward_model(), toy_pairs(100, seed=1)
+    fit = reward.fit_mle(rm, pairs, lr=1e-3, batch_size=16, seed=0, max_epochs=6)
+    # every epoch sees the same 90 pairs, and the 10 held out are the rest: every label is used, once per epoch
+    assert all(len(epoch) == 90 and epoch == seen[0] for epoch in seen)
+    held_out = [p for p in pairs if p not in seen[0]]
+    assert len(held_out) == 10
+    assert 1 <= fit["epoch_kept"] <= fit["epochs"] == len(seen) <= 6
+    # it stopped because the held-out loss rose (or hit the cap), and the kept weights are the best epoch's
+    prompts, chosen, rejected = zip(*held_out)
+    loss = bradley_terry_loss(score(rm, prompts, chosen), score(rm, prompts, rejected)).item()
+    assert loss == pytest.approx(fit["held_out_loss"], abs=1e-6) and loss < math.log(2)
+    assert fit["held_out_accuracy"] >= 0.9
