@@ -365,6 +365,13 @@ def make_reward_model(pi0, prompt_source, oracle, tokenizer, settings, device, c
     return rm.eval(), labelled, fit
 
 
+def refit_reward_model(rm, rm_start, oracle_pairs: list[Preference], settings, device):
+    """The refit: the MLE on every oracle label so far, from the previous reward model (warm), or from `rm_start`
+    (pi0 with a fresh head) when given. Returns (r_hat, the fit's statistics)."""
+    rm = rm if rm_start is None else copy.deepcopy(rm_start)
+    return rm, fit_reward_model(rm, oracle_pairs, settings, device)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # DPO
 
@@ -380,6 +387,19 @@ def train_policy(policy, reference, pairs: list[Preference], settings, device, s
             "dpo_accuracy": float(np.mean([h["accuracy"] for h in history[-10:]])),
             "chosen_logps_start": history[0]["chosen_logps"], "chosen_logps_end": history[-1]["chosen_logps"],
             "rejected_logps_start": history[0]["rejected_logps"], "rejected_logps_end": history[-1]["rejected_logps"]}
+
+
+def dpo_stage(policy, pi0, new_pairs: list[Preference], all_pairs: list[Preference], settings, device, t: int):
+    """Iteration t's DPO: pi_t from pi_{t-1} on the new pairs (--restart: from pi0 on all pairs so far), against pi0
+    or the previous iterate (--reference previous). Returns (pi_t, its statistics); with no pairs (all tied) there
+    is nothing to learn from, and the stage is skipped with a logged line."""
+    s = settings
+    previous, policy = policy, (copy.deepcopy(pi0) if s.restart else policy)
+    pairs = all_pairs if s.restart else new_pairs
+    if not pairs:
+        print(f"iteration {t + 1}: no pairs to train on (all tied); DPO skipped")
+        return policy, {"dpo_steps": 0}
+    return policy, train_policy(policy, pi0 if s.reference == "pi0" else previous, pairs, s, device, s.seed + t)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -469,19 +489,10 @@ def run(settings: Settings) -> list[dict]:
                                                   (t + 1) * len(pi0_pairs) // s.iterations]
             all_pairs += new_pairs
         with timed(seconds, "dpo_s"):  # DPO: pi_t from pi_{t-1} (or from pi0 with --restart)
-            previous, policy = policy, copy.deepcopy(pi0) if s.restart else policy
-            reference = pi0 if s.reference == "pi0" else previous
-            dpo_pairs = all_pairs if s.restart else new_pairs
-            if dpo_pairs:
-                dpo_stats = train_policy(policy, reference, dpo_pairs, s, device, s.seed + t)
-            else:  # every pair tied: nothing to learn from, so the policy stays as it is
-                print(f"iteration {t + 1}: no pairs to train on (all tied); DPO skipped")
-                dpo_stats = {"dpo_steps": 0}
+            policy, dpo_stats = dpo_stage(policy, pi0, new_pairs, all_pairs, s, device, t)
         with timed(seconds, "rm_s"):  # refit: the MLE of the reward model on all oracle labels so far
-            rm_fit = {}
-            if s.labeler == "oracle" and s.pairs != "offline":
-                rm = rm if rm_start is None else copy.deepcopy(rm_start)
-                rm_fit = fit_reward_model(rm, oracle_pairs, s, device)
+            refit = s.labeler == "oracle" and s.pairs != "offline"
+            rm, rm_fit = refit_reward_model(rm, rm_start, oracle_pairs, s, device) if refit else (rm, {})
         record(t + 1, policy, {"pairs": len(new_pairs), **dpo_stats, **rm_fit, **seconds})
     if s.lora:
         merge_lora(policy)
