@@ -211,8 +211,8 @@ class Candidate(NamedTuple):
     enhancer_text: str
     main_score: float
     enhancer_score: float
-    main_finished: bool = True      # whether the response stopped (False: cut off by the token cap)
-    enhancer_finished: bool = True
+    main_finished: bool             # whether the response stopped (False: cut off by the token cap)
+    enhancer_finished: bool
 
 
 def sample_candidates(policy, prompt_tokens, n: int, max_new_tokens: int, stop_ids, generator):

@@ -131,8 +131,8 @@ def test_loop_runs_from_a_llama_folder_with_lora_and_a_prompt_file(tmp_path):
 
 def test_reward_model_labels_drop_equal_scores():
     # with --labeler rm a pair the reward model scores equal carries no preference: dropped, never labelled
-    pairs = [iterate.Candidate("x", [1], [2], "a", [3], "b", 0.5, 0.5),
-             iterate.Candidate("x", [1], [4], "c", [5], "d", 0.2, 0.7)]
+    pairs = [iterate.Candidate("x", [1], [2], "a", [3], "b", 0.5, 0.5, True, True),
+             iterate.Candidate("x", [1], [4], "c", [5], "d", 0.2, 0.7, True, False)]
     assert iterate.label_pairs(pairs, "rm", Oracle(), None) == [([1], [5], [4])]
 
 
