@@ -6,6 +6,7 @@ Feedback" (Xiong et al. 2024, Algorithm 1), labelled by the synthetic oracle of 
     pi0    = SFT on the world's corpus                               (start.py; cached in the run folder)
     r_hat  = Bradley-Terry reward model on L0 oracle-labelled pairs of pi0 samples
     for t in 1..T:
+        refit:    (t > 1) r_hat = the MLE on all oracle labels so far: epochs until a held-out tenth stops improving
         collect:  n samples per prompt from pi_{t-1} (half at temperature 1.0, half at 0.7), ranked by r_hat;
                   main agent = the best-ranked sample (exploit); enhancer = the pair's other side (explore):
             best-worst : r_hat's worst sample                     (Algorithm 2)
@@ -16,7 +17,6 @@ Feedback" (Xiong et al. 2024, Algorithm 1), labelled by the synthetic oracle of 
                   cut off by the token cap is judged unfinished
         DPO:      pi_t from pi_{t-1} on the new pairs, reference pi0, plain sigmoid DPO (eq. 5): no NLL term,
                   no label smoothing (both are options)
-        refit:    r_hat = the MLE on all oracle labels so far: epochs until a held-out tenth stops improving
         evaluate: win-rate against pi0, KL(pi_t || pi0) on held-out prompts (evaluate.py)
 
 Simplified on purpose: each refit starts from the previous reward model's weights (--rm-refit-from pi0 starts
@@ -478,7 +478,11 @@ def run(settings: Settings) -> list[dict]:
         offline = [collect_and_label(t, pi0, oracle_pairs) for t in range(s.iterations)]
     pi0_pairs, explored, all_pairs = list(oracle_pairs), list(oracle_pairs), []
     for t in range(s.iterations):
-        seconds = {}
+        seconds, rm_fit = {}, {}
+        if t > 0 and s.labeler == "oracle" and s.pairs != "offline":
+            with timed(seconds, "rm_s"):  # refit: the MLE of the reward model on all oracle labels so far (none
+                # after the last iteration: its labels would only rank a next iteration's samples)
+                rm, rm_fit = refit_reward_model(rm, rm_start, oracle_pairs, s, device)
         with timed(seconds, "pairs_s"):  # collect and label
             new_pairs = offline[t] if s.pairs == "offline" else collect_and_label(t, policy, explored)
             explored += new_pairs
@@ -490,9 +494,6 @@ def run(settings: Settings) -> list[dict]:
             all_pairs += new_pairs
         with timed(seconds, "dpo_s"):  # DPO: pi_t from pi_{t-1} (or from pi0 with --restart)
             policy, dpo_stats = dpo_stage(policy, pi0, new_pairs, all_pairs, s, device, t)
-        with timed(seconds, "rm_s"):  # refit: the MLE of the reward model on all oracle labels so far
-            refit = s.labeler == "oracle" and s.pairs != "offline"
-            rm, rm_fit = refit_reward_model(rm, rm_start, oracle_pairs, s, device) if refit else (rm, {})
         record(t + 1, policy, {"pairs": len(new_pairs), **dpo_stats, **rm_fit, **seconds})
     if s.lora:
         merge_lora(policy)
