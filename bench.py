@@ -8,7 +8,7 @@ Speed and headroom numbers for the CPU default, printed (timings live here, neve
    reward among 64 samples per prompt (the headroom above pi0).
 
     python bench.py                       # trains pi0 with iterate.py's defaults (about a minute on 2 cores)
-    python bench.py --pi0 runs/default/pi0.pt   # or measures a cached pi0
+    python bench.py --pi0 runs/default/pi0-<key>.pt   # or measures a cached pi0
     python bench.py --run runs/default          # where a finished run's gain comes from (see `diagnose_run`)
 """
 import argparse
@@ -21,7 +21,7 @@ import torch
 
 import reward
 import start
-from iterate import Settings
+from iterate import Settings, rm0_key
 from model import GPT, GPTConfig, sample
 from oracle import REWARD_MAX, Oracle, World, reward_parts
 
@@ -92,11 +92,15 @@ def diagnose_run(run, tokenizer, n_prompts=256):
         raise SystemExit(f"--run {run}: not a finished run of iterate.py (it needs config.json and policy/)")
     with open(os.path.join(run, "config.json")) as f:
         config = json.load(f)
-    cache = config["cache"] or run
-    if not all(os.path.exists(os.path.join(cache, name)) for name in ("pi0.pt", "rm0.pt")):
-        raise SystemExit(f"--run {run}: its cache folder {cache} has no pi0.pt and rm0.pt (moved or deleted?)")
-    cap, world = config["max_new_tokens"], World(seed=config["seed"])
-    pi0 = start.load_cached_gpt(os.path.join(cache, "pi0.pt"))
+    settings = Settings(**{**config, "resume": False, "overwrite": False})
+    cache = settings.cache or run
+    pi0_path = start.cached_path(cache, "pi0", start.pi0_key(settings, tokenizer))
+    rm0_path = start.cached_path(cache, "rm0", rm0_key(settings, tokenizer))
+    if not all(os.path.exists(path) for path in (pi0_path, rm0_path)):
+        raise SystemExit(f"--run {run}: its cache folder {cache} has no {os.path.basename(pi0_path)} and "
+                         f"{os.path.basename(rm0_path)} (moved or deleted?)")
+    cap, world = settings.max_new_tokens, World(seed=settings.seed)
+    pi0 = start.load_cached_gpt(pi0_path)
     policy = GPT.from_pretrained(os.path.join(run, "policy")).eval()
     prompts = world.eval_prompts[:n_prompts]
     prompt_tokens = [tokenizer.encode_prompt(p) for p in prompts]
@@ -111,7 +115,7 @@ def diagnose_run(run, tokenizer, n_prompts=256):
         # corpus has each in 30 % of its responses; a prompt-blind model hits the topic 1 time in 40)
         print(f"{'':>6}  mentions the asked topic {np.mean([x['topic'] >= 1.0 for x in parts]):.2f}, "
               f"greets in the asked tone {np.mean([x['tone'] >= 0.5 for x in parts]):.2f}")
-    saved = torch.load(os.path.join(cache, "rm0.pt"), weights_only=True)
+    saved = torch.load(rm0_path, weights_only=True)
     rm = reward.RewardModel(GPT(pi0.config))
     rm.load_state_dict(saved["model"])
     second = sample(pi0, prompt_tokens, cap, 1.0, tokenizer.stop_ids, torch.Generator().manual_seed(1))
@@ -131,7 +135,7 @@ def diagnose_run(run, tokenizer, n_prompts=256):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--pi0", default=None, help="a cached pi0.pt to measure instead of training one")
+    parser.add_argument("--pi0", default=None, help="a cached pi0-<key>.pt to measure instead of training one")
     parser.add_argument("--run", default=None, help="a finished run folder of iterate.py to diagnose instead")
     args = parser.parse_args()
     torch.manual_seed(0)

@@ -196,6 +196,9 @@ def read_hf_checkpoint(folder: Path, dtype, device, max_seq_len, rope_scaling_fa
     if index.exists():
         shard_of = json.loads(index.read_text())["weight_map"]  # checkpoint name -> shard file
         unlisted_in = index.name
+        for shard in set(shard_of.values()):  # a shard is a file of this folder, never a path out of it
+            if Path(shard).is_absolute() or ".." in Path(shard).parts or len(Path(shard).parts) != 1:
+                raise ValueError(f"{index.name}: shard {shard!r} is not a file name inside {folder}")
     else:
         with safe_open(folder / "model.safetensors", "pt") as f:
             shard_of = dict.fromkeys(f.keys(), "model.safetensors")

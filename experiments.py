@@ -57,10 +57,12 @@ def run_arms(arms, seeds, out, shared_flags, jobs=1):
             folder = os.path.join(out, arm, f"seed{seed}")
             argv = shared_flags + ARMS[arm] + ["--seed", str(seed), "--out", folder,
                                                "--cache", os.path.join(out, f"cache-seed{seed}")]
-            if finished(folder, argv):
+            state = run_state(folder, argv)
+            if state == "finished":
                 print(f"{arm} seed {seed}: reusing {folder}")
-            else:
-                pending.setdefault(seed, []).append((f"{arm} seed {seed}", argv))
+            else:  # an interrupted run of these settings continues; one of other settings is started again
+                flag = {"interrupted": ["--resume"], "other settings": ["--overwrite"]}.get(state, [])
+                pending.setdefault(seed, []).append((f"{arm} seed {seed}", argv + flag))
     if jobs == 1:
         for name, argv in (run for runs in pending.values() for run in runs):
             print(f"=== {name}: python iterate.py {' '.join(argv)}")
@@ -97,19 +99,25 @@ def run_logged(argv) -> str:
     return f"final win-rate {metrics[-1]['win_rate']:.3f} ({os.path.join(folder, 'log.txt')})"
 
 
-def finished(folder, argv) -> bool:
-    """True when the folder holds a complete run made with exactly these settings (its paths aside)."""
+def run_state(folder, argv) -> str:
+    """What the folder holds: "none", "finished" (a complete run made with exactly these settings, its paths
+    aside), "interrupted" (a run of these settings to --resume) or "other settings"."""
     try:
         with open(os.path.join(folder, "config.json")) as f:
             config = json.load(f)
-        rows = read_metrics(folder)
     except (FileNotFoundError, json.JSONDecodeError):
-        return False
+        return "none"
     wanted = asdict(iterate.parse_args(argv))
     # where a run lives and how many CPU threads it used are not what it ran: a moved folder still counts, and so
     # does a run made with --jobs (threads change only the order of float sums; see README, Results)
-    settings = lambda c: {k: v for k, v in c.items() if k not in ("out", "cache", "threads")}
-    return settings(config) == settings(wanted) and len(rows) == wanted["iterations"] + 1
+    settings = lambda c: {k: v for k, v in c.items() if k not in ("out", "cache", "threads", "resume", "overwrite")}
+    if settings(config) != settings(wanted):
+        return "other settings"
+    try:
+        rows = read_metrics(folder)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return "interrupted"
+    return "finished" if len(rows) == wanted["iterations"] + 1 else "interrupted"
 
 
 def read_metrics(folder) -> list[dict]:

@@ -32,6 +32,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from types import SimpleNamespace
@@ -47,7 +48,9 @@ from evaluate import evaluate, make_held_out, write_evaluation
 from lora import AdaptersOff, add_lora, merge_lora
 from model import sample
 from oracle import Oracle
-from start import load_cached, pi0_key, pick_device, save_cached, start
+from rundir import InputError, Ledger, atomic_save, atomic_write_text, check_run_folder
+from start import (cached_path, content_hash, load_cached, make_pi0, pi0_key, pick_device, read_inputs,
+                   save_cached)
 
 PAIR_RULES = ("best-worst", "random", "uncertainty", "offline")
 LABELERS = ("oracle", "rm")
@@ -72,6 +75,9 @@ class Settings:
     seed: int = option(0, "seeds the world, the models and the oracle")
     device: str = option("auto", "auto picks cuda, then mps, then cpu")
     threads: int | None = option(None, "torch CPU threads (default: torch's choice)", type=int)
+    resume: bool = option(False, "continue the run in --out from its last finished iteration, with the settings "
+                                 "it was started with; labels already in its labels.jsonl are not bought again")
+    overwrite: bool = option(False, "start afresh in an --out that holds a run (its files are replaced)")
     # starting from a Llama 3.x checkpoint
     init: str | None = option(None, "a Meta or Hugging Face Llama folder: pi0 (its tokenizer.model or "
                                     "tokenizer.json is used too)", type=str)
@@ -163,6 +169,8 @@ class Settings:
         if self.lora < 0 or (self.threads is not None and self.threads < 1) or self.show < 0:
             raise ValueError(f"--lora and --show must be >= 0 and --threads >= 1, got {self.lora}, {self.show} and "
                              f"{self.threads}")
+        if self.resume and self.overwrite:
+            raise ValueError("--resume and --overwrite: pass one of them, not both")
         if self.lora and self.restart:
             raise ValueError("--restart with --lora is not supported: the adapters are the policy's only trained "
                              "weights")
@@ -178,20 +186,61 @@ def flag(name: str) -> str:
     return name.replace("_", "-")
 
 
-def parse_args(argv=None) -> Settings:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line on stderr and exit status 2: no usage block to read past
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+# what may differ between a run and its --resume (the thread count changes no result beyond summation order)
+FREE_ON_RESUME = ("resume", "overwrite", "threads", "out")
+
+
+def make_parser(given_only: bool = False) -> Parser:
+    """The command line, one flag per Settings field; given_only: flags not on the command line are left out."""
+    parser = Parser(prog="iterate.py", description=__doc__.split("\n\n")[0], allow_abbrev=False,
+                    formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                    argument_default=argparse.SUPPRESS if given_only else None)
     for f in fields(Settings):
         group = parser.add_argument_group(GROUPS[f.name]) if f.name in GROUPS else group
         kwargs = dict(f.metadata)
+        default = {} if given_only else {"default": f.default}
         if isinstance(f.default, bool):
-            group.add_argument(f"--{flag(f.name)}", action="store_true", **kwargs)
+            group.add_argument(f"--{flag(f.name)}", action="store_true", **default, **kwargs)
         else:
-            group.add_argument(f"--{flag(f.name)}", default=f.default, **{"type": type(f.default), **kwargs})
+            group.add_argument(f"--{flag(f.name)}", **default, **{"type": type(f.default), **kwargs})
+    return parser
+
+
+def parse_args(argv=None) -> Settings:
+    """Settings from the command line; with --resume, the settings the run in --out was started with, and any flag
+    given on the command line must agree with them."""
+    parser = make_parser()
+    args = vars(parser.parse_args(argv))
     try:
-        return Settings(**vars(parser.parse_args(argv)))
+        if args["resume"]:
+            return resumed_settings(args["out"], vars(make_parser(given_only=True).parse_args(argv)))
+        return Settings(**args)
     except ValueError as error:
         parser.error(str(error))
+
+
+def resumed_settings(out: str, given: dict) -> Settings:
+    path = os.path.join(out, "config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        raise InputError(f"--resume: {path} cannot be read; {out} holds no run to resume") from None
+    unknown = sorted(saved.keys() - {f.name for f in fields(Settings)})
+    if unknown:
+        raise InputError(f"--resume: {path} holds settings this version does not have: {', '.join(unknown)}")
+    differ = [f"--{flag(name)} {value} (the run has {saved.get(name)})" for name, value in given.items()
+              if name not in FREE_ON_RESUME and saved.get(name) != value]
+    if differ:
+        raise InputError(f"--resume: the command line disagrees with {path}: {'; '.join(differ)}")
+    return Settings(**{**saved, **{name: given[name] for name in FREE_ON_RESUME if name in given},
+                       "resume": True, "overwrite": False})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -300,13 +349,17 @@ def collect(rule, sampler, rm, oracle, prompts, labelled, settings, tokenizer, g
 # ---------------------------------------------------------------------------------------------------------------
 # label
 
-def label_pairs(candidates: list[Candidate], labeler: str, oracle, rng) -> list[Preference]:
-    """The oracle draws y ~ Bernoulli(P(main > enhancer)) (one query each), or the reward model prefers its
-    higher-scored side (no query; a pair it scores equal says nothing and is dropped, as best-worst drops it,
-    whatever the pair rule)."""
+def label_pairs(candidates: list[Candidate], labeler: str, oracle, rng, ledger: Ledger | None = None,
+                iteration: int = 0) -> list[Preference]:
+    """The oracle draws y ~ Bernoulli(P(main > enhancer)) (one query each, recorded in the ledger when given), or
+    the reward model prefers its higher-scored side (no query; a pair it scores equal says nothing and is dropped,
+    as best-worst drops it, whatever the pair rule)."""
     labelled = []
     for c in candidates:
-        if labeler == "oracle":
+        if labeler == "oracle" and ledger is not None:
+            main_wins = ledger.label(oracle, rng, iteration, c.prompt, c.main, c.main_text, c.enhancer,
+                                     c.enhancer_text, c.main_finished, c.enhancer_finished)
+        elif labeler == "oracle":
             main_wins = oracle.label(c.prompt, c.main_text, c.enhancer_text, rng, c.main_finished,
                                      c.enhancer_finished)
         elif c.main_score == c.enhancer_score:
@@ -335,19 +388,32 @@ def fit_reward_model(rm, labelled: list[Preference], settings, device) -> dict:
     return {f"rm_{key}": value for key, value in fit.items()}
 
 
-def make_reward_model(pi0, prompt_source, oracle, tokenizer, settings, device, cache_dir):
-    """r_hat fit to L0 oracle-labelled pairs of pi0 samples (random pairs on training prompts). Cached with its
-    labelled pairs, which every later refit reuses. Returns (r_hat, its pairs, the fit's statistics)."""
+def rm0_key(settings, tokenizer) -> dict:
+    """What the first reward model depends on; --init and --prompts by their contents, not their paths."""
     s = settings
-    names = ("init", "prompts", "chat", "rm_labels", "rm_max_epochs", "rm_batch", "rm_lr", "rm_trainable_layers",
-             "max_new_tokens")
-    key = {"pi0": pi0_key(s, tokenizer), **{name: getattr(s, name) for name in names}}
-    path = os.path.join(cache_dir, "rm0.pt")
+    names = ("chat", "rm_labels", "rm_max_epochs", "rm_batch", "rm_lr", "rm_trainable_layers", "max_new_tokens")
+    return {"pi0": pi0_key(s, tokenizer), "init": content_hash(s.init), "prompts": content_hash(s.prompts),
+            **{name: getattr(s, name) for name in names}}
+
+
+def make_reward_model(pi0, prompt_source, oracle, tokenizer, settings, device, cache_dir,
+                      ledger: Ledger | None = None):
+    """r_hat fit to L0 oracle-labelled pairs of pi0 samples (random pairs on training prompts). Cached with its
+    labelled pairs (and their ledger lines), which every later refit reuses. Returns (r_hat, its pairs, the fit's
+    statistics)."""
+    s = settings
+    key = rm0_key(s, tokenizer)
+    path = cached_path(cache_dir, "rm0", key)
     rm = new_reward_model(pi0, s, device)
     saved = load_cached(path, key, "first reward model")
+    if saved is not None and ledger is not None and len(saved["ledger"]) != saved["queries"]:
+        print(f"{path}: its labels are not in ledger form; rebuilding it")
+        saved = None
     if saved is not None:
         rm.load_state_dict(saved["model"])
         oracle.queries += saved["queries"]
+        if ledger is not None:
+            ledger.adopt(saved["ledger"])
         return rm.eval(), saved["pairs"], saved["fit"]
     rng = random.Random(s.seed + 1)
     prompts = [rng.choice(prompt_source.train_prompts) for _ in range(s.rm_labels)]
@@ -358,10 +424,12 @@ def make_reward_model(pi0, prompt_source, oracle, tokenizer, settings, device, c
     candidates = [Candidate(p, pt, a, tokenizer.decode_response(a), b, tokenizer.decode_response(b), 0.0, 0.0,
                             tokenizer.stopped(a), tokenizer.stopped(b))
                   for p, pt, a, b in zip(prompts, prompt_tokens, first, second) if a != b]
-    labelled = label_pairs(candidates, "oracle", oracle, np.random.default_rng(s.seed + 1))
+    first_line = ledger.used if ledger is not None else 0
+    labelled = label_pairs(candidates, "oracle", oracle, np.random.default_rng(s.seed + 1), ledger)
     fit = fit_reward_model(rm, labelled, s, device)
     # one query per labelled pair (the caller's oracle may have answered others before)
-    save_cached(path, key, model=rm.state_dict(), pairs=labelled, queries=len(labelled), fit=fit)
+    save_cached(path, key, model=rm.state_dict(), pairs=labelled, queries=len(labelled), fit=fit,
+                ledger=ledger.lines[first_line:ledger.used] if ledger is not None else [])
     return rm.eval(), labelled, fit
 
 
@@ -406,11 +474,17 @@ def dpo_stage(policy, pi0, new_pairs: list[Preference], all_pairs: list[Preferen
 # the loop
 
 def open_run_folder(settings):
-    """Create the run and cache folders, write config.json, start metrics.jsonl and samples.txt afresh."""
+    """Create the run and cache folders; a new run writes config.json and starts metrics.jsonl, samples.txt and
+    labels.jsonl afresh (--overwrite included); a resumed run keeps them."""
     for folder in (settings.out, settings.cache or settings.out):
         os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(settings.out, "config.json"), "w") as f:
-        json.dump(asdict(settings), f, indent=1)
+    if settings.resume:
+        return
+    for name in ("metrics.jsonl", "samples.txt", "labels.jsonl", "checkpoint.pt"):
+        if os.path.exists(os.path.join(settings.out, name)):
+            os.remove(os.path.join(settings.out, name))
+    atomic_write_text(os.path.join(settings.out, "config.json"),
+                      json.dumps({**asdict(settings), "resume": False, "overwrite": False}, indent=1))
     for name in ("metrics.jsonl", "samples.txt"):
         open(os.path.join(settings.out, name), "w").close()
 
@@ -436,19 +510,46 @@ def timed(seconds: dict, key: str):
     seconds[key] = round(time.time() - start_time, 1)
 
 
+def stream_states(rngs) -> dict:
+    """The random streams' states (and torch's global one), in types torch.load(weights_only=True) reads back."""
+    version, state, gauss = rngs.pair.getstate()
+    return {"eval": rngs.eval.get_state(), "sample": rngs.sample.get_state(), "torch": torch.get_rng_state(),
+            "label": json.dumps(rngs.label.bit_generator.state), "pair": [version, list(state), gauss]}
+
+
+def set_stream_states(rngs, states: dict):
+    rngs.eval.set_state(states["eval"])
+    rngs.sample.set_state(states["sample"])
+    torch.set_rng_state(states["torch"])
+    rngs.label.bit_generator.state = json.loads(states["label"])
+    version, state, gauss = states["pair"]
+    rngs.pair.setstate((version, tuple(state), gauss))
+
+
+def trained_state(policy, settings) -> dict:
+    """What training changed: every weight, or under LoRA the adapters only (the base is the checkpoint's)."""
+    return {k: v for k, v in policy.state_dict().items() if not settings.lora or "lora_" in k}
+
+
 def run(settings: Settings) -> list[dict]:
-    """Algorithm 2 end to end; returns the rows written to metrics.jsonl."""
+    """Algorithm 2 end to end; returns the rows written to metrics.jsonl. Every input is checked before any work;
+    each iteration ends with an atomic checkpoint that --resume continues from."""
     s = settings
     torch.manual_seed(s.seed)  # what draws from torch's global generator (LoRA's init, a head's) is seeded too
     if s.threads:
         torch.set_num_threads(s.threads)
     device, cache_dir = pick_device(s.device), s.cache or s.out
+    check_run_folder(s.out, s.resume, s.overwrite)
+    world, tokenizer, prompt_source, pi0 = read_inputs(s, device)
     open_run_folder(s)
     print(f"device {device}; settings in {os.path.join(s.out, 'config.json')}")
     clock, oracle, metrics = time.time(), Oracle(), []
+    ledger = Ledger(os.path.join(s.out, "labels.jsonl"))
+    checkpoint_path = os.path.join(s.out, "checkpoint.pt")
 
-    tokenizer, prompt_source, pi0 = start(s, device, cache_dir)
-    rm, oracle_pairs, rm0_fit = make_reward_model(pi0, prompt_source, oracle, tokenizer, s, device, cache_dir)
+    pi0 = pi0 if pi0 is not None else make_pi0(world, tokenizer, s, device, cache_dir)
+    rm, oracle_pairs, rm0_fit = make_reward_model(pi0, prompt_source, oracle, tokenizer, s, device, cache_dir,
+                                                  ledger)
     rm_start = new_reward_model(pi0, s, device) if s.rm_refit_from == "pi0" else None  # each refit starts here
     if s.lora:  # the policy trains adapters only; pi0 is the same weights with the adapters switched off
         policy = add_lora(pi0, s.lora)
@@ -464,7 +565,7 @@ def run(settings: Settings) -> list[dict]:
         prompts = iteration_prompts(train_order, t, s.prompts_per_iter)
         rule = "best-worst" if s.pairs == "offline" else s.pairs
         candidates = collect(rule, sampler, rm, oracle, prompts, explored, s, tokenizer, rngs.sample, rngs.pair)
-        return label_pairs(candidates, s.labeler, oracle, rngs.label)
+        return label_pairs(candidates, s.labeler, oracle, rngs.label, ledger, t + 1)
 
     def record(iteration, policy, extra):
         eval_clock = time.time()
@@ -473,11 +574,27 @@ def run(settings: Settings) -> list[dict]:
                "eval_s": round(time.time() - eval_clock, 1), "seconds": round(time.time() - clock, 1)}
         write_evaluation(s.out, metrics, row, samples, held_out, oracle, s.show)
 
-    record(0, pi0, rm0_fit)
-    if s.pairs == "offline":  # the baseline: the whole label budget spent on pi0's samples before any training
-        offline = [collect_and_label(t, pi0, oracle_pairs) for t in range(s.iterations)]
-    pi0_pairs, explored, all_pairs = list(oracle_pairs), list(oracle_pairs), []
-    for t in range(s.iterations):
+    pi0_pairs, explored, all_pairs, offline, first = list(oracle_pairs), list(oracle_pairs), [], None, 0
+    saved = torch.load(checkpoint_path, weights_only=True) if s.resume and os.path.exists(checkpoint_path) else None
+    if saved is not None:  # --resume: back to the end of the last finished iteration, every stream included
+        first, metrics[:] = saved["iteration"], saved["metrics"]
+        policy.load_state_dict(saved["policy"], strict=not s.lora)
+        rm.load_state_dict(saved["rm"])
+        set_stream_states(rngs, saved["streams"])
+        oracle.queries, ledger.used = saved["queries"], saved["ledger_used"]
+        oracle_pairs, explored, all_pairs, offline = (saved["data"][k] for k in ("oracle", "explored", "all",
+                                                                                  "offline"))
+        clock -= saved["seconds"]
+        print(f"resuming {s.out} after iteration {first}")
+    atomic_write_text(os.path.join(s.out, "metrics.jsonl"), "".join(json.dumps(row) + "\n" for row in metrics))
+    with open(os.path.join(s.out, "samples.txt"), "r+b") as f:  # what the lost iteration wrote goes
+        f.truncate(saved["samples_bytes"] if saved is not None else 0)
+
+    if first == 0:
+        record(0, pi0, rm0_fit)
+        if s.pairs == "offline":  # the baseline: the whole label budget spent on pi0's samples before any training
+            offline = [collect_and_label(t, pi0, oracle_pairs) for t in range(s.iterations)]
+    for t in range(first, s.iterations):
         seconds, rm_fit = {}, {}
         if t > 0 and s.labeler == "oracle" and s.pairs != "offline":
             with timed(seconds, "rm_s"):  # refit: the MLE of the reward model on all oracle labels so far (none
@@ -495,15 +612,33 @@ def run(settings: Settings) -> list[dict]:
         with timed(seconds, "dpo_s"):  # DPO: pi_t from pi_{t-1} (or from pi0 with --restart)
             policy, dpo_stats = dpo_stage(policy, pi0, new_pairs, all_pairs, s, device, t)
         record(t + 1, policy, {"pairs": len(new_pairs), **dpo_stats, **rm_fit, **seconds})
+        atomic_save({"iteration": t + 1, "policy": trained_state(policy, s), "rm": rm.state_dict(),
+                     "streams": stream_states(rngs), "queries": oracle.queries, "ledger_used": ledger.used,
+                     "metrics": metrics,
+                     "data": {"oracle": oracle_pairs, "explored": explored, "all": all_pairs, "offline": offline},
+                     "samples_bytes": os.path.getsize(os.path.join(s.out, "samples.txt")),
+                     "seconds": round(time.time() - clock, 1)}, checkpoint_path)
     if s.lora:
         merge_lora(policy)
     policy.save_pretrained(os.path.join(s.out, "policy"))  # a Hugging Face folder GPT.from_pretrained reads
-    print(f"done in {time.time() - clock:.0f} s; wrote metrics.jsonl, samples.txt, curves.png, policy/ in {s.out}")
+    print(f"done in {time.time() - clock:.0f} s; wrote metrics.jsonl, labels.jsonl, samples.txt, curves.png, "
+          f"policy/ in {s.out}")
     return metrics
 
 
 def main(argv=None) -> list[dict]:
-    return run(parse_args(argv))
+    """The command line: a bad input is one line on stderr and exit status 2, before any work; a loss that turns
+    NaN stops the run, keeping the last finished iteration's checkpoint."""
+    settings = parse_args(argv)
+    try:
+        return run(settings)
+    except InputError as error:
+        print(f"iterate.py: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except FloatingPointError as error:
+        print(f"iterate.py: stopped: {error}; the last finished iteration's checkpoint is kept in "
+              f"{os.path.join(settings.out, 'checkpoint.pt')} (--resume continues from it)", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

@@ -2,14 +2,16 @@
 The start of a run: the device, the tokenizer, the prompts and pi0.
 
 What it owns: picking the device; the synthetic world's word-level tokenizer; pi0 by supervised fine-tuning (SFT)
-on the world's corpus, cached in the run's cache folder under the settings it was built with; prompt files; and
-loading a Llama 3.x checkpoint as pi0 instead. `start(settings, device, cache_dir)` returns all three for
-iterate.py.
+on the world's corpus, cached in the run's cache folder under the settings it was built with (one file per set of
+settings, never replaced); prompt files; and loading a Llama 3.x checkpoint as pi0 instead. `read_inputs` reads
+and checks everything the user gave before any work (a bad input is an InputError naming the flag);
+`start(settings, device, cache_dir)` returns the tokenizer, the prompts and pi0 for iterate.py.
 
 SFT is plain next-token cross-entropy on the response tokens (the prompt is context), with train.fit.
 
     python -m pytest tests/test_start.py -q
 """
+import hashlib
 import json
 import os
 import random
@@ -22,14 +24,25 @@ import torch.nn.functional as F
 
 from model import GPT, GPTConfig
 from oracle import World
+from rundir import InputError, atomic_save
 from tokenizer import Tokenizer
 from train import collate, fit, shuffled_batches
 
 
 def pick_device(name: str) -> torch.device:
-    """`name` itself, or with "auto" the first of cuda, mps and cpu that this machine has."""
+    """`name` itself, or with "auto" the first of cuda, mps and cpu that this machine has. A device this machine
+    does not have is an InputError."""
     if name != "auto":
-        return torch.device(name)
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise InputError(f"--device {name}: not a device name (auto, cpu, cuda, cuda:1, mps)") from None
+        if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0)
+                                          < torch.cuda.device_count()):
+            raise InputError(f"--device {name}: this machine has no such CUDA device")
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise InputError(f"--device {name}: MPS is not available on this machine")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda")
     if torch.backends.mps.is_available():
@@ -49,9 +62,39 @@ def world_tokenizer() -> Tokenizer:
 # ---------------------------------------------------------------------------------------------------------------
 # caching a model under the settings it was built with
 
+def content_hash(path) -> str | None:
+    """A hash of what a --prompts file or an --init folder holds (None for None), so that a cache follows the
+    contents, not the path. Files up to 64 MiB are read whole; of a larger one (weights) its size and its first and
+    last MiB, which hold the safetensors header and a sample of the tensors."""
+    if path is None:
+        return None
+    digest = hashlib.sha256()
+    files = [path] if os.path.isfile(path) else sorted(os.path.join(root, name) for root, _, names in os.walk(path)
+                                                       for name in names)
+    for file in files:
+        size = os.path.getsize(file)
+        digest.update(f"{os.path.relpath(file, path)}:{size}".encode())
+        with open(file, "rb") as f:
+            if size <= 64 << 20:
+                digest.update(f.read())
+            else:
+                digest.update(f.read(1 << 20))
+                f.seek(-(1 << 20), os.SEEK_END)
+                digest.update(f.read())
+    return digest.hexdigest()[:16]
+
+
+def cached_path(cache_dir, name: str, key: dict) -> str:
+    """The cache file of `name` (pi0, rm0) built under `key`: one file per set of settings, so that a run with
+    other settings never replaces another's cache (and its paid labels)."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    return os.path.join(cache_dir, f"{name}-{digest}.pt")
+
+
 def save_cached(path, key, **entries):
-    """Write `entries` (a state dict, a config, labelled pairs...) under `key`, the settings they were built with."""
-    torch.save({"key": key, **entries}, path)
+    """Write `entries` (a state dict, a config, labelled pairs...) under `key`, the settings they were built with;
+    atomically, so that a kill never leaves a half-written cache."""
+    atomic_save({"key": key, **entries}, path)
 
 
 def load_cached(path, key, what):
@@ -115,7 +158,7 @@ def pi0_key(settings, tokenizer) -> dict:
 def make_pi0(world, tokenizer, settings, device, cache_dir) -> GPT:
     """pi0 = SFT on the world's corpus, or the cached one built with the same settings."""
     key = pi0_key(settings, tokenizer)
-    path = os.path.join(cache_dir, "pi0.pt")
+    path = cached_path(cache_dir, "pi0", key)
     torch.manual_seed(settings.seed)
     saved = load_cached(path, key, "pi0")
     config = GPTConfig.preset(settings.preset, vocab_size=tokenizer.n_vocab)
@@ -136,28 +179,52 @@ def make_pi0(world, tokenizer, settings, device, cache_dir) -> GPT:
 # prompt files and Llama checkpoints
 
 def load_prompts(path: str) -> list[str]:
-    """Prompts from a JSON-lines file, one {"prompt": "..."} per line; blank lines are skipped."""
+    """Prompts from a JSON-lines file, one {"prompt": "..."} per line; blank lines are skipped. The whole file is
+    read and checked first; the first problem is a ValueError naming its line."""
+    try:
+        with open(path, "rb") as f:
+            lines = f.read().split(b"\n")
+    except OSError as error:
+        raise ValueError(f"{path}: cannot read it ({error.strerror})") from None
     prompts = []
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number}: not JSON ({error.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-                raise ValueError(f'{path}:{number}: expected an object with a string "prompt"')
-            prompts.append(record["prompt"])
+    for number, raw in enumerate(lines, 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"{path}:{number}: not UTF-8") from None
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{number}: not JSON ({error.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            raise ValueError(f'{path}:{number}: expected an object with a string "prompt"')
+        try:
+            record["prompt"].encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate, written as \\ud800 in the JSON: not text
+            raise ValueError(f"{path}:{number}: the prompt holds a lone surrogate, not text") from None
+        prompts.append(record["prompt"])
     if len(prompts) < 4:
         raise ValueError(f"{path}: needs at least 4 prompts (training and held-out), found {len(prompts)}")
     return prompts
 
 
-def file_prompts(path: str, n_eval: int, seed: int) -> SimpleNamespace:
-    """A seeded split of a prompt file: held-out prompts for evaluation, the rest for training (the two
+def check_prompt_lengths(prompts: list[str], tokenizer, chat: str, max_new_tokens: int, max_seq_len: int,
+                         where: str):
+    """Every prompt must leave room for --max-new-tokens in the model's context; the first that does not is a
+    ValueError naming it."""
+    for number, prompt in enumerate(prompts, 1):
+        length = len(tokenizer.encode_prompt(prompt, chat))
+        if length + max_new_tokens > max_seq_len:
+            raise ValueError(f"{where}: prompt {number} is {length} tokens; with --max-new-tokens {max_new_tokens} "
+                             f"that passes the model's context of {max_seq_len} ({prompt[:40]!r}...)")
+
+
+def split_prompts(prompts: list[str], n_eval: int, seed: int) -> SimpleNamespace:
+    """A seeded split of a prompt file's prompts: held-out prompts for evaluation, the rest for training (the two
     attributes a World has)."""
-    prompts = load_prompts(path)
+    prompts = list(prompts)
     random.Random(seed).shuffle(prompts)
     n_eval = min(n_eval, len(prompts) // 2)
     return SimpleNamespace(eval_prompts=prompts[:n_eval], train_prompts=prompts[n_eval:])
@@ -174,18 +241,46 @@ def load_checkpoint(folder, dtype_name: str, device, rope_scaling_factor=None):
         tokenizer.check_fits(pi0.config.vocab_size)
     except ValueError as error:
         raise ValueError(f"{folder}: {error}") from None
+    if pi0.config.vocab_size > tokenizer.n_vocab:  # sampling would draw ids that have no text
+        raise ValueError(f"the model's vocabulary has {pi0.config.vocab_size} ids but its tokenizer "
+                         f"{tokenizer.n_vocab}: a sampled id past {tokenizer.n_vocab - 1} would have no text")
     print(f"pi0 from {folder}: {pi0.num_params() / 1e6:.1f} M parameters, {dtype}")
     return tokenizer, pi0.eval()
+
+
+def read_inputs(settings, device):
+    """Everything a run reads from the user, checked before any work: the world, the tokenizer, the prompts
+    (train_prompts and eval_prompts) and, with --init, the checkpoint as pi0 (else None: SFT makes it). A bad
+    input is an InputError naming the flag."""
+    s = settings
+    world = World(seed=s.seed)
+    if s.init is None:
+        tokenizer, pi0, max_seq_len = world_tokenizer(), None, GPTConfig.preset(s.preset).max_seq_len
+    else:
+        if not os.path.isdir(s.init):
+            raise InputError(f"--init {s.init}: no such folder")
+        if not any(os.path.exists(os.path.join(s.init, name)) for name in ("config.json", "params.json")):
+            raise InputError(f"--init {s.init}: holds neither config.json (Hugging Face) nor params.json (Meta)")
+        try:
+            tokenizer, pi0 = load_checkpoint(s.init, s.dtype, device, s.rope_scaling_factor)
+        except Exception as error:  # whatever the reader raised, the folder is the cause: say so on one line
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise InputError(f"--init {s.init}: cannot load it: {reason}") from None
+        max_seq_len = pi0.config.max_seq_len
+    try:
+        prompts = world.prompts if s.prompts is None else load_prompts(s.prompts)
+        check_prompt_lengths(prompts, tokenizer, s.chat, s.max_new_tokens, max_seq_len,
+                             s.prompts or "the world's prompts")
+    except ValueError as error:
+        raise InputError(f"--prompts {error}" if s.prompts else str(error)) from None
+    prompt_source = world if s.prompts is None else split_prompts(prompts, s.eval_prompts, s.seed)
+    return world, tokenizer, prompt_source, pi0
 
 
 def start(settings, device, cache_dir):
     """The tokenizer, the prompts (train_prompts and eval_prompts) and pi0: SFT on the synthetic world (cached),
     or a Llama checkpoint (--init)."""
-    world = World(seed=settings.seed)
-    prompt_source = world if settings.prompts is None else file_prompts(settings.prompts, settings.eval_prompts,
-                                                                          settings.seed)
-    if settings.init is None:
-        tokenizer = world_tokenizer()
-        return tokenizer, prompt_source, make_pi0(world, tokenizer, settings, device, cache_dir)
-    tokenizer, pi0 = load_checkpoint(settings.init, settings.dtype, device, settings.rope_scaling_factor)
+    world, tokenizer, prompt_source, pi0 = read_inputs(settings, device)
+    if pi0 is None:
+        pi0 = make_pi0(world, tokenizer, settings, device, cache_dir)
     return tokenizer, prompt_source, pi0

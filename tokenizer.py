@@ -123,6 +123,10 @@ class Tokenizer:
         for needed in ("<|begin_of_text|>", "<|end_of_text|>"):
             if needed not in special_tokens:
                 raise ValueError(f"{name}: no special token {needed}")
+        clash = sorted(set(mergeable_ranks.values()) & set(special_tokens.values()))
+        if clash:  # tiktoken would accept it, and decoding the special id would give the byte, or the reverse
+            names = [t for t, i in special_tokens.items() if i in clash]
+            raise ValueError(f"{name}: special tokens {names[:4]} reuse ids {clash[:4]} of ordinary tokens")
         self.model = tiktoken.Encoding(name=name, pat_str=pat_str, mergeable_ranks=mergeable_ranks,
                                        special_tokens=special_tokens)
         self.special_tokens = dict(special_tokens)

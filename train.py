@@ -88,6 +88,8 @@ def fit(model, loss_fn, batches, steps: int, lr: float, warmup: int = 0, weight_
             group["lr"] = learning_rate(step, steps, lr, warmup)
         with autocast(device):
             loss, stats = loss_fn(next(batches))
+        if not torch.isfinite(loss):  # stop before the step: the weights stay as they were, finite
+            raise FloatingPointError(f"{desc}: the loss is {loss.item()} at step {step + 1} of {steps}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, grad_clip)

@@ -7,6 +7,7 @@ transformers' float32 logits (atol 1e-5) and its 20 greedy tokens. Seeded and of
 """
 import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -241,6 +242,18 @@ def test_index_listing_a_missing_shard_is_refused(checkpoints, tmp_path):
     (folder / shard).unlink()
     with pytest.raises(ValueError, match=rf"^{shard}: file not found, but model.safetensors.index.json lists it "
                                          r"for model\.\S+\.weight$"):
+        GPT.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("escape", ["../outside.safetensors", "/tmp/outside.safetensors", "sub/x.safetensors"])
+def test_index_shard_paths_must_stay_inside_the_folder(checkpoints, tmp_path, escape):
+    # an index is data from the internet: it must not make the loader open a file elsewhere on the machine
+    folder = copy_folder(checkpoints["untied"][2]["sharded"], tmp_path / "x")
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    index["weight_map"]["model.layers.1.mlp.up_proj.weight"] = escape
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=rf"model.safetensors.index.json: shard '{re.escape(escape)}' is not a file "
+                                         r"name inside"):
         GPT.from_pretrained(folder)
 
 

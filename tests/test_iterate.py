@@ -159,8 +159,9 @@ def test_hybrid_adds_an_equal_share_of_the_pi0_pairs_each_iteration(tmp_path):
             "2", "--prompts-per-iter", "4", "--n", "2", "--pairs-per-prompt", "1",
             "--eval-prompts", "8", "--max-new-tokens", "8", "--labeler", "rm", "--out", str(tmp_path)]
     online = iterate.main(tiny)
-    hybrid = iterate.main(tiny + ["--hybrid"])
-    rm0_pairs = len(torch.load(tmp_path / "rm0.pt", weights_only=True)["pairs"])
+    hybrid = iterate.main(tiny + ["--hybrid", "--overwrite"])
+    (rm0_path,) = tmp_path.glob("rm0-*.pt")
+    rm0_pairs = len(torch.load(rm0_path, weights_only=True)["pairs"])
     # iteration 1 samples the same pi0 with the same seed and the reward model labels deterministically, so the
     # online pairs are the same and the difference is the first half of the pi0 pairs; iteration 2 gets the rest
     assert hybrid[1]["pairs"] - online[1]["pairs"] == rm0_pairs // 2

@@ -3,8 +3,8 @@ Tests for tokenizer.py: the offline byte-level encoding, the word-level vocabula
 tokenizer.json loaders, and the real Llama 3 tokenizer pinned to known ids and to Meta's own reference code.
 
 Fast, offline and seeded (fixed seeds, so no test can fail by chance). The real Llama 3 `tokenizer.model` ships
-in the `llama-models` wheel on PyPI; if that package is not importable we pip-install it once (--no-deps) into
-~/.cache, never into the repo, and skip the Llama 3 tests with the reason if that fails (no network).
+in the `llama-models` wheel on PyPI, pinned in requirements-dev.txt; without it the Llama 3 tests skip with the
+reason (CI prints skip reasons). Nothing is installed or fetched at test time.
 
     python -m pytest tests/test_tokenizer.py -q
 """
@@ -13,11 +13,8 @@ import base64
 import importlib
 import importlib.util
 import json
-import os
 import random
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -242,18 +239,12 @@ def test_missing_tokenizer_files(tmp_path):
 
 @pytest.fixture(scope="session")
 def llama_models_root():
-    """The folder holding the `llama_models` package: installed already, or pip-installed once into ~/.cache."""
+    """The folder holding the `llama_models` package (pinned in requirements-dev.txt); nothing is installed at
+    test time: without it the Llama 3 tests skip, and CI prints the reason (-rs)."""
     spec = importlib.util.find_spec("llama_models")
-    if spec is not None and spec.submodule_search_locations:
-        return Path(list(spec.submodule_search_locations)[0]).parent
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "rlhf-from-scratch" / "llama-models"
-    if not (cache / "llama_models").is_dir():
-        cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--quiet", "--timeout", "15", "--retries", "1",
-               "--target", str(cache), "llama-models"]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        if r.returncode != 0:
-            pytest.skip(f"llama-models is not installed and pip could not fetch it: {r.stderr.strip()[-300:]}")
-    return cache
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("llama-models is not installed (pip install -r requirements-dev.txt pins it)")
+    return Path(list(spec.submodule_search_locations)[0]).parent
 
 
 @pytest.fixture(scope="session")
@@ -325,3 +316,12 @@ def test_llama3_hf_json_fallback_matches(llama3, llama3_model_path, tmp_path):
         assert from_json.encode(s) == llama3.encode(s)
     chat = [{"role": "user", "content": "Hi"}]
     assert from_json.encode_chat(chat) == llama3.encode_chat(chat)
+
+
+def test_a_special_id_that_clashes_with_a_byte_id_is_refused(tmp_path):
+    # begin of text on the id of byte 5, with a gap left at 258 so that the count of ids still adds up
+    ranks = {bytes([i]): i for i in range(256)}
+    write_hf_json(tmp_path / "tokenizer.json", ranks, {"<|begin_of_text|>": 5, "<|end_of_text|>": 256,
+                                                        "<|pad|>": 257, "<|x|>": 259})
+    with pytest.raises(ValueError, match=r"special tokens \['<\|begin_of_text\|>'\] reuse ids \[5\] of ordinary"):
+        Tokenizer.from_pretrained(tmp_path)

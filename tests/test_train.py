@@ -1,0 +1,67 @@
+"""Tests of train.py: the schedule, gradient clipping, a loss that turns NaN, the batching."""
+import math
+
+import pytest
+import torch
+
+from train import collate, fit, learning_rate, shuffled_batches
+
+
+def test_learning_rate_warms_up_linearly_then_decays_by_cosine_to_a_tenth():
+    peak, steps, warmup = 1.0, 110, 10
+    assert [learning_rate(s, steps, peak, warmup) for s in (0, 4, 9)] == [0.1, 0.5, 1.0]
+    assert learning_rate(10, steps, peak, warmup) == 1.0                       # the top of the cosine
+    assert math.isclose(learning_rate(60, steps, peak, warmup), 0.1 + 0.9 * 0.5)  # half-way: the mean
+    assert math.isclose(learning_rate(110, steps, peak, warmup), 0.1)          # the end: a tenth of the peak
+
+
+def test_fit_clips_the_gradient_norm_and_follows_the_schedule():
+    # one parameter, loss = 1000 * w: the raw gradient is 1000; clipped to norm 1, and AdamW's first step moves w
+    # by lr whatever the gradient's size, so the clip shows in Adam's state, and the schedule in the moves
+    w = torch.nn.Parameter(torch.zeros(1))
+    model = torch.nn.Module()
+    model.w = w
+    grads = []
+
+    def loss_fn(_):
+        return 1000 * w.sum(), {}
+
+    original_step = torch.optim.AdamW.step
+
+    def recording_step(self, *args, **kwargs):
+        grads.append((w.grad.item(), self.param_groups[0]["lr"]))
+        return original_step(self, *args, **kwargs)
+
+    torch.optim.AdamW.step = recording_step
+    try:
+        fit(model, loss_fn, iter(range(3)), steps=3, lr=0.5, warmup=2, grad_clip=1.0)
+    finally:
+        torch.optim.AdamW.step = original_step
+    assert [g for g, _ in grads] == pytest.approx([1.0, 1.0, 1.0], rel=1e-5)
+    assert [lr for _, lr in grads] == pytest.approx([0.25, 0.5, 0.5])
+
+
+def test_a_nan_loss_stops_before_the_step_and_leaves_the_weights_finite():
+    model = torch.nn.Linear(2, 1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    losses = iter([torch.tensor(1.0, requires_grad=True), torch.tensor(float("nan"), requires_grad=True)])
+    with pytest.raises(FloatingPointError, match=r"toy: the loss is nan at step 2 of 3"):
+        fit(model, lambda _: (model.weight.sum() + next(losses), {}), iter(range(3)), steps=3, lr=0.1,
+            desc="toy")
+    assert all(torch.isfinite(v).all() for v in model.state_dict().values())
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())  # step 1 ran
+
+
+def test_collate_right_pads_and_marks_the_response():
+    tokens, mask, response_mask = collate([[5, 6], [7]], [[8], [9, 10, 11]])
+    assert tokens.tolist() == [[5, 6, 8, 0], [7, 9, 10, 11]]
+    assert mask.tolist() == [[True, True, True, False], [True] * 4]
+    assert response_mask.tolist() == [[False, False, True, False], [False, True, True, True]]
+
+
+def test_shuffled_batches_cover_every_example_each_epoch_and_refuse_none():
+    batches = shuffled_batches(5, 2, seed=0)
+    epoch = [next(batches) for _ in range(3)]
+    assert sorted(i for batch in epoch for i in batch) == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="need at least one example"):
+        next(shuffled_batches(0, 2, seed=0))
