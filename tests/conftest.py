@@ -1,17 +1,24 @@
 """Shared test set-up."""
+import os
+
 import pytest
 import torch
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session", autouse=True)
 def one_thread():
-    """Toy models gain nothing from a second intra-op thread, and on a busy 2-core machine its spin-waits made
-    such files 20x slower. Modules opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`; the thread
-    count is restored afterwards."""
-    threads = torch.get_num_threads()
+    """Every test runs on one intra-op thread: toy models gain nothing from a second one, whose spin-waits made
+    files 20x slower on a busy 2-core machine, and a result then does not depend on the machine's core count.
+    Subprocesses get OMP_NUM_THREADS=1 too. The thread count is restored afterwards."""
+    threads, env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
     torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
     yield
     torch.set_num_threads(threads)
+    if env is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    else:
+        os.environ["OMP_NUM_THREADS"] = env
 
 
 @pytest.fixture(scope="module")

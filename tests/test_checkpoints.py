@@ -36,7 +36,6 @@ IDS = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(1
 PROMPTS = [IDS[0, :12].tolist(), IDS[1, :7].tolist()]  # different lengths: the sampler left-pads
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def hf_llama(variant: str, seed: int = 0):

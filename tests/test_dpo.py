@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from dpo import dpo_loss, ipo_loss, response_logps, sequence_logps, train_dpo
 from model import GPT, GPTConfig
@@ -13,7 +14,6 @@ from train import collate
 TOY = dict(vocab_size=32, dim=32, n_layer=2, n_head=2, n_kv_head=1, ffn_hidden=64, max_seq_len=32)
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 LOG_SIGMOID_1 = -0.31326168751822286  # log sigmoid(1) = -log(1 + e^-1)
 
 
@@ -221,3 +221,28 @@ def test_nll_weight_adds_the_chosen_per_token_nll():
     expected = math.log(2) + 0.5 * (-chosen_logps / lengths).mean().item()
     history = train_dpo(policy, pairs, beta=0.1, steps=1, lr=0.0, batch_size=2, nll_weight=0.5)
     assert history[0]["loss"] == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.mark.parametrize("loss, eps", [("ipo", 0.0), ("dpo", 0.2), ("dpo", 0.0)])
+def test_first_training_loss_equals_the_formula_on_independent_log_probs(loss, eps):
+    # a reference that differs from the policy, so h != 0 and each loss has its own value; the first step's loss
+    # (one batch of all pairs, before any update) against the formula on log-probs from response_logps
+    torch.manual_seed(0)
+    policy, reference = GPT(GPTConfig(**TOY)), GPT(GPTConfig(**TOY))
+    pairs = [([3, 4, 5], [6, 7, 1], [8, 1]), ([9, 10], [11, 1], [12, 13, 14, 1]), ([2], [15, 16, 17, 18, 1], [1])]
+    prompts, chosen, rejected = zip(*pairs)
+    pc, pr = response_logps(policy, prompts, chosen), response_logps(policy, prompts, rejected)
+    rc, rr = response_logps(reference, prompts, chosen), response_logps(reference, prompts, rejected)
+    beta = 0.5
+    if loss == "ipo":  # log-ratios averaged over response tokens (the end token included)
+        nc = torch.tensor([len(c) for c in chosen], dtype=torch.float)
+        nr = torch.tensor([len(r) for r in rejected], dtype=torch.float)
+        h = (pc - rc) / nc - (pr - rr) / nr
+        expected = ((h - 1 / (2 * beta)) ** 2).mean().item()
+    else:
+        h = (pc - rc) - (pr - rr)
+        expected = (-(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)).mean().item()
+    history = train_dpo(policy, pairs, beta=beta, steps=1, lr=0.0, batch_size=3, loss=loss, label_smoothing=eps,
+                        reference=reference)
+    assert history[0]["loss"] == pytest.approx(expected, abs=1e-5)
+    assert abs(expected - math.log(2)) > 1e-3 or loss == "ipo"  # the case is not the trivial h = 0 one

@@ -197,3 +197,23 @@ def test_uncertainty_with_the_reward_model_as_labeller_grows_sigma(tmp_path, mon
     iterate.main(TINY + ["--pairs", "uncertainty", "--labeler", "rm", "--out", str(tmp_path)])
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert len(sizes) == 2 and sizes[1] == sizes[0] + rows[1]["pairs"] and rows[1]["pairs"] > 0
+
+
+def test_every_refit_is_the_fit_on_all_oracle_labels_so_far(tmp_path, monkeypatch):
+    # the first fit sees the L0 labels; the refit before iteration t sees those and every label of iterations < t
+    sizes, original = [], iterate.reward.fit_mle
+    monkeypatch.setattr(iterate.reward, "fit_mle", lambda rm, pairs, *a, **k: sizes.append(len(pairs)) or
+                        original(rm, pairs, *a, **k))
+    iterate.main(TINY + ["--iterations", "3", "--out", str(tmp_path)])
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert sizes == [rows[0]["labels"], rows[1]["labels"], rows[2]["labels"]]
+    assert sizes[0] < sizes[1] < sizes[2]
+    assert len(open(tmp_path / "labels.jsonl").readlines()) == rows[-1]["labels"]
+
+
+def test_candidates_are_sampled_half_at_temperature_one_and_half_at_0_7(monkeypatch):
+    temperatures = []
+    monkeypatch.setattr(iterate, "sample", lambda policy, prompts, cap, temperature, stop_ids, generator:
+                        temperatures.append(temperature) or [[1]] * len(prompts))
+    iterate.sample_candidates(None, [[5], [6]], 6, 4, [1], None)
+    assert temperatures == [1.0, 1.0, 1.0, 0.7, 0.7, 0.7]

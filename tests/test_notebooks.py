@@ -7,7 +7,10 @@ import nbformat
 NOTEBOOK = os.path.join(os.path.dirname(__file__), "..", "notebooks", "walkthrough.ipynb")
 
 
-def test_walkthrough_runs_top_to_bottom():
+def test_walkthrough_runs_top_to_bottom(tmp_path, monkeypatch):
+    # the kernel inherits the environment: one thread (conftest), and its temporary run folder inside tmp_path,
+    # which pytest removes, instead of a 14 MB folder left in /tmp per run
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     # the kernel runs in notebooks/, as a reader's would; its budget is the 2 minutes plus slack for CI
     client = nbclient.NotebookClient(notebook, timeout=300, kernel_name="python3",

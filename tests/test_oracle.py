@@ -263,3 +263,14 @@ def test_prob_label_and_win_rates_take_each_sides_flag():
     assert hard == pytest.approx(0.75)
     with pytest.raises(ValueError, match="one finished flag per prompt"):
         soft_win_rate(o, [PROMPT], [cut], [cut], [True, False])
+
+
+def test_label_orientation_is_deterministic_at_near_zero_temperature():
+    # with the temperature near 0, P(a > b) is 1 when r*(a) > r*(b): the label must say a, for any draw; swapped, b
+    oracle, rng = Oracle(temperature=1e-6), np.random.default_rng(0)
+    prompt, better, worse = PROMPT, BEST, "Cats, dogs, birds and tennis."
+    assert oracle.reward(prompt, better) - oracle.reward(prompt, worse) > 5
+    assert all(oracle.label(prompt, better, worse, rng) for _ in range(50))
+    assert not any(oracle.label(prompt, worse, better, rng) for _ in range(50))
+    # a cut-off copy of the better text loses to the finished one (finished part -1.0 against +0.5)
+    assert all(oracle.label(prompt, better, better, rng, True, False) for _ in range(20))

@@ -12,7 +12,6 @@ from reward import (RewardModel, bradley_terry_loss, embed, embed_and_score, pai
 TOY = dict(vocab_size=32, dim=32, n_layer=2, n_head=2, n_kv_head=1, ffn_hidden=64, max_seq_len=32)
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def toy_reward_model(seed=0, random_head=False):
@@ -121,3 +120,17 @@ def test_fit_mle_trains_on_every_pair_but_the_held_out_tenth_and_keeps_the_best_
     loss = bradley_terry_loss(score(rm, prompts, chosen), score(rm, prompts, rejected)).item()
     assert loss == pytest.approx(fit["held_out_loss"], abs=1e-6) and loss < math.log(2)
     assert fit["held_out_accuracy"] >= 0.9
+
+
+def test_trainable_layers_fine_tune_the_top_blocks_the_final_norm_and_the_head_only():
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(vocab_size=32, dim=16, n_layer=3, n_head=2, n_kv_head=1, ffn_hidden=32, max_seq_len=16))
+    rm = RewardModel(gpt, trainable_layers=1)
+    before = {k: v.clone() for k, v in rm.state_dict().items()}
+    pairs = [([3, 4], [5, 1], [6, 1]), ([7], [5, 8, 1], [6, 9, 1])] * 4
+    train_reward_model(rm, pairs, steps=3, lr=1e-2, batch_size=4)
+    moved = {k for k, v in rm.state_dict().items() if not torch.equal(before[k], v)}
+    trainable = {k for k in before if k.startswith(("backbone.layers.2.", "backbone.norm.", "head."))}
+    # the head and the top block move (the head from step 1, the block from step 2 once the head is non-zero)
+    assert moved <= trainable and "head.weight" in moved and any(k.startswith("backbone.layers.2.") for k in moved)
+    assert all(not p.requires_grad for n, p in rm.named_parameters() if n not in trainable)

@@ -15,7 +15,6 @@ import iterate
 from oracle import Oracle
 from rundir import InputError, Ledger, atomic_save, check_run_folder
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--threads", "1", "--sft-examples", "200", "--sft-steps", "4", "--rm-labels", "16", "--rm-max-epochs", "2",
         "--iterations", "2", "--prompts-per-iter", "8", "--n", "2", "--pairs-per-prompt", "1", "--eval-prompts",
