@@ -129,7 +129,8 @@ class Settings:
     reference: str = option("pi0", "DPO reference policy", choices=("pi0", "previous"))
     # DPO
     loss: str = option("dpo", "preference loss", choices=("dpo", "ipo"))
-    beta: float = option(0.1, "KL weight beta (eta in the papers)")
+    beta: float = option(0.2, "KL weight beta (eta in the papers); 0.2 chosen on seeds 0-2: at 0.1 the rejected and "
+                              "chosen log-probs fell about twice as far in iteration 1, at the same win-rate")
     label_smoothing: float = option(0.0, "conservative DPO's label noise epsilon")
     nll_weight: float = option(0.0, "weight of the chosen responses' per-token NLL added to the loss (RPO); 0, "
                                     "the default, is plain DPO")

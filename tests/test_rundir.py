@@ -141,7 +141,7 @@ def test_a_folder_holding_a_run_is_refused_and_left_as_it_was(uninterrupted, cap
                            (["--out", str(uninterrupted), "--overwrite", "--prompts", "nosuch.jsonl"],
                             "--prompts nosuch.jsonl: cannot read it"),
                            (["--out", str(uninterrupted), "--resume", "--beta", "0.5"],
-                            "--beta 0.5 (the run has 0.1)")):
+                            "--beta 0.5 (the run has 0.2)")):
         with pytest.raises(SystemExit) as exit_:
             iterate.main(TINY + flags)
         err = capsys.readouterr().err
@@ -228,3 +228,13 @@ def test_a_crafted_pickle_runs_no_code(tmp_path):
     with pytest.raises(Exception, match="Weights only load failed"):
         start.load_cached(str(path), None, "pi0")
     assert not marker.exists()
+
+
+def test_a_dpo_stage_with_no_pairs_is_skipped_with_a_logged_line(small_world, capsys):
+    # every pair of an iteration tied (so none was kept): nothing to learn from, and no endless empty loop
+    _, _, model = small_world
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    policy, stats = iterate.dpo_stage(model, model, [], [], iterate.Settings(), "cpu", 2)
+    assert policy is model and stats == {"dpo_steps": 0}
+    assert "iteration 3: no pairs to train on (all tied); DPO skipped" in capsys.readouterr().out
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
