@@ -222,3 +222,67 @@ def test_candidates_are_sampled_half_at_temperature_one_and_half_at_0_7(monkeypa
                         temperatures.append(temperature) or [[1]] * len(prompts))
     iterate.sample_candidates(None, [[5], [6]], 6, 4, [1], None)
     assert temperatures == [1.0, 1.0, 1.0, 0.7, 0.7, 0.7]
+
+
+def spy_on(monkeypatch, module, name, calls):
+    """Replace module.name by a wrapper that records (args, kwargs) in calls[name] and calls the original."""
+    original = getattr(module, name)
+
+    def spy(*args, **kwargs):
+        calls.setdefault(name, []).append((args, kwargs))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, spy)
+
+
+@pytest.mark.parametrize("extra", [
+    ["--loss", "ipo", "--pairs", "uncertainty", "--uncertainty-lambda", "2.5"],
+    ["--label-smoothing", "0.05", "--nll-weight", "0.25", "--rm-refit-from", "pi0"],
+])
+def test_every_training_flag_reaches_its_stage(extra, tmp_path, monkeypatch):
+    # one tiny run with a value off the default for each flag, and spies on the functions the stages call: a flag
+    # that a stage ignores (or a default that shadows it) fails here
+    import dpo
+    import reward
+    import start
+    calls = {}
+    for module, name in ((dpo, "train_dpo"), (reward, "fit_mle"), (start, "train_sft"),
+                         (iterate, "sample_candidates"), (iterate, "make_held_out"), (iterate, "best_worst_pairs"),
+                         (iterate, "uncertainty_pairs"), (iterate, "feature_covariance"), (iterate, "new_reward_model"),
+                         (iterate, "write_evaluation")):
+        spy_on(monkeypatch, module, name, calls)
+    flags = ["--sft-examples", "200", "--sft-steps", "3", "--sft-lr", "3e-3", "--sft-batch", "7", "--rm-labels", "12",
+             "--rm-max-epochs", "2", "--rm-lr", "7e-4", "--rm-batch", "5", "--rm-trainable-layers", "1",
+             "--iterations", "2", "--prompts-per-iter", "5", "--n", "4", "--pairs-per-prompt", "2",
+             "--max-new-tokens", "9", "--eval-prompts", "12", "--show", "2", "--beta", "0.37", "--dpo-lr", "3e-3",
+             "--dpo-batch", "3", "--dpo-epochs", "1.5", "--seed", "3", "--out", str(tmp_path)]
+    settings = iterate.parse_args(flags + extra)
+    iterate.main(flags + extra)
+    (sft_args, _), = calls["train_sft"]
+    assert sft_args[2:6] == (3, 3e-3, 7, 3)                                       # steps, lr, batch, seed
+    assert len(sft_args[1]) == 200 and max(len(r) for _, r in sft_args[1]) <= 9   # examples, the response cap
+    fits = calls["fit_mle"]
+    assert len(fits) == 2 and all(a[2:5] == (7e-4, 5, 3) and k["max_epochs"] == 2 for a, k in fits)
+    # rm0, and with --rm-refit-from pi0 the start every refit copies
+    assert len(calls["new_reward_model"]) == (2 if settings.rm_refit_from == "pi0" else 1)
+    for rm in (fits[0][0][0], fits[1][0][0]):                                     # --rm-trainable-layers 1
+        assert [any(p.requires_grad for p in block.parameters()) for block in rm.backbone.layers] == [False] * 5 + [True]
+    if settings.rm_refit_from == "pi0":
+        assert fits[1][0][0] is not fits[0][0][0]                                 # the refit starts afresh
+    else:
+        assert fits[1][0][0] is fits[0][0][0]
+    samples = calls["sample_candidates"]
+    assert len(samples) == 2 and all(len(a[1]) == 5 and a[2:4] == (4, 9) for a, _ in samples)
+    (held_out_args, _), = calls["make_held_out"]
+    assert len(held_out_args[1]) == 12 and held_out_args[5] == 9
+    rule = "uncertainty_pairs" if settings.pairs == "uncertainty" else "best_worst_pairs"
+    assert calls[rule] and all(a[-1] == 2 for a, _ in calls[rule])               # --pairs-per-prompt
+    if settings.pairs == "uncertainty":
+        assert all(a[2] == 2.5 for a, _ in calls["feature_covariance"])
+    for args, kwargs in calls["train_dpo"]:
+        pairs = args[1]
+        assert args[2:] == (0.37, max(1, round(1.5 * len(pairs) / 3)), 3e-3, 3, settings.label_smoothing,
+                            settings.loss)
+        assert kwargs["nll_weight"] == settings.nll_weight
+    assert [a[6] for a, _ in calls["write_evaluation"]] == [2, 2, 2]
+    assert open(tmp_path / "samples.txt").read().count("  r* ") == 3 * 2            # --show 2, 3 evaluations
