@@ -25,6 +25,7 @@ def test_arms_share_pi0_and_runs_are_reused(tmp_path, capsys):
     assert "offline seed 0: reusing" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_parallel_jobs_give_the_sequential_numbers(tmp_path):
     """--jobs 2 runs arms in worker processes, two seeds' caches built at once; on the same thread count the table
     must not change (another thread count may add float sums in another order, so both use one thread)."""

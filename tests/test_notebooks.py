@@ -2,11 +2,13 @@
 import os
 
 import nbclient
+import pytest
 import nbformat
 
 NOTEBOOK = os.path.join(os.path.dirname(__file__), "..", "notebooks", "walkthrough.ipynb")
 
 
+@pytest.mark.slow
 def test_walkthrough_runs_top_to_bottom(tmp_path, monkeypatch):
     # the kernel inherits the environment: one thread (conftest), and its temporary run folder inside tmp_path,
     # which pytest removes, instead of a 14 MB folder left in /tmp per run

@@ -104,11 +104,11 @@ iterate.main({argv!r})
 
 
 @pytest.mark.parametrize("stage, module, function, call", [
-    ("SFT", "start", "train_sft", 1),
-    ("the first reward model's fit, its labels bought", "reward", "fit_mle", 1),
-    ("sampling in iteration 2", "iterate", "sample_candidates", 2),
-    ("DPO in iteration 2, its labels bought", "dpo", "train_dpo", 2),
-    ("evaluation after iteration 2", "iterate", "evaluate", 3),
+    pytest.param("SFT", "start", "train_sft", 1, marks=pytest.mark.slow),
+    pytest.param("the first reward model's fit, its labels bought", "reward", "fit_mle", 1, marks=pytest.mark.slow),
+    pytest.param("sampling in iteration 2", "iterate", "sample_candidates", 2, marks=pytest.mark.slow),
+    ("DPO in iteration 2, its labels bought", "dpo", "train_dpo", 2),  # the default run keeps one kill
+    pytest.param("evaluation after iteration 2", "iterate", "evaluate", 3, marks=pytest.mark.slow),
 ])
 def test_resume_after_sigkill_gives_the_uninterrupted_run(stage, module, function, call, uninterrupted, tmp_path):
     folder = tmp_path / "run"
