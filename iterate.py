@@ -48,7 +48,8 @@ from evaluate import evaluate, make_held_out, write_evaluation
 from lora import AdaptersOff, add_lora, merge_lora
 from model import sample
 from oracle import Oracle
-from rundir import InputError, Ledger, atomic_save, atomic_write_text, check_run_folder
+from rundir import (InputError, Ledger, atomic_save, atomic_write_text, check_run_folder, set_stream_states,
+                    stream_states, trained_state)
 from start import (cached_path, content_hash, load_cached, make_pi0, pi0_key, pick_device, read_inputs,
                    save_cached)
 
@@ -509,27 +510,6 @@ def timed(seconds: dict, key: str):
     start_time = time.time()
     yield
     seconds[key] = round(time.time() - start_time, 1)
-
-
-def stream_states(rngs) -> dict:
-    """The random streams' states (and torch's global one), in types torch.load(weights_only=True) reads back."""
-    version, state, gauss = rngs.pair.getstate()
-    return {"eval": rngs.eval.get_state(), "sample": rngs.sample.get_state(), "torch": torch.get_rng_state(),
-            "label": json.dumps(rngs.label.bit_generator.state), "pair": [version, list(state), gauss]}
-
-
-def set_stream_states(rngs, states: dict):
-    rngs.eval.set_state(states["eval"])
-    rngs.sample.set_state(states["sample"])
-    torch.set_rng_state(states["torch"])
-    rngs.label.bit_generator.state = json.loads(states["label"])
-    version, state, gauss = states["pair"]
-    rngs.pair.setstate((version, tuple(state), gauss))
-
-
-def trained_state(policy, settings) -> dict:
-    """What training changed: every weight, or under LoRA the adapters only (the base is the checkpoint's)."""
-    return {k: v for k, v in policy.state_dict().items() if not settings.lora or "lora_" in k}
 
 
 def run(settings: Settings) -> list[dict]:

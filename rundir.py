@@ -4,7 +4,8 @@ refusal to reuse a folder that holds a run (without --resume or --overwrite) or 
 
 What it owns: `InputError` (a bad input, found before any work: iterate.py prints it on one line and exits 2),
 `atomic_save` and `atomic_write_text` (write a temporary file, fsync, rename: a kill leaves the old file or the new
-one, never half of one), `check_run_folder`, and `Ledger`, the file labels.jsonl.
+one, never half of one), `check_run_folder`, what a checkpoint holds besides the data (`stream_states` and
+`set_stream_states` for every random stream, `trained_state` for the policy), and `Ledger`, the file labels.jsonl.
 
 The ledger is the record of every preference label the run counts: one JSON line per oracle query, appended and
 fsynced the moment the label is given, before anything trains on it. A resumed run replays the same queries in
@@ -83,6 +84,27 @@ def check_run_folder(out: str, resume: bool, overwrite: bool):
         raise InputError(f"--resume: {out} holds no run to resume (no config.json)")
     if holds_run and not (resume or overwrite):
         raise InputError(f"--out {out}: holds a run; pass --resume to continue it or --overwrite to start again")
+
+
+def stream_states(rngs) -> dict:
+    """The random streams' states (and torch's global one), in types torch.load(weights_only=True) reads back."""
+    version, state, gauss = rngs.pair.getstate()
+    return {"eval": rngs.eval.get_state(), "sample": rngs.sample.get_state(), "torch": torch.get_rng_state(),
+            "label": json.dumps(rngs.label.bit_generator.state), "pair": [version, list(state), gauss]}
+
+
+def set_stream_states(rngs, states: dict):
+    rngs.eval.set_state(states["eval"])
+    rngs.sample.set_state(states["sample"])
+    torch.set_rng_state(states["torch"])
+    rngs.label.bit_generator.state = json.loads(states["label"])
+    version, state, gauss = states["pair"]
+    rngs.pair.setstate((version, tuple(state), gauss))
+
+
+def trained_state(policy, settings) -> dict:
+    """What training changed: every weight, or under LoRA the adapters only (the base is the checkpoint's)."""
+    return {k: v for k, v in policy.state_dict().items() if not settings.lora or "lora_" in k}
 
 
 class Ledger:
