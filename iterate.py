@@ -32,6 +32,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -482,9 +483,10 @@ def open_run_folder(settings):
         os.makedirs(folder, exist_ok=True)
     if settings.resume:
         return
-    for name in ("metrics.jsonl", "samples.txt", "labels.jsonl", "checkpoint.pt"):
+    for name in ("metrics.jsonl", "samples.txt", "labels.jsonl", "checkpoint.pt", "curves.png"):
         if os.path.exists(os.path.join(settings.out, name)):
             os.remove(os.path.join(settings.out, name))
+    shutil.rmtree(os.path.join(settings.out, "policy"), ignore_errors=True)  # --overwrite: nothing stale stays
     atomic_write_text(os.path.join(settings.out, "config.json"),
                       json.dumps({**asdict(settings), "resume": False, "overwrite": False}, indent=1))
     for name in ("metrics.jsonl", "samples.txt"):

@@ -149,6 +149,16 @@ def test_a_folder_holding_a_run_is_refused_and_left_as_it_was(uninterrupted, cap
         assert folder_digest(uninterrupted) == before
 
 
+def test_overwrite_starts_afresh_and_leaves_nothing_stale(tmp_path):
+    iterate.main(TINY + ["--out", str(tmp_path)])
+    (tmp_path / "policy" / "stale.txt").write_text("from the first run")
+    metrics = iterate.main(TINY + ["--out", str(tmp_path), "--overwrite", "--iterations", "1"])
+    assert [r["iteration"] for r in metrics] == [0, 1] == [json.loads(l)["iteration"] for l in
+                                                          open(tmp_path / "metrics.jsonl")]
+    assert not (tmp_path / "policy" / "stale.txt").exists()
+    assert len(open(tmp_path / "labels.jsonl").readlines()) == metrics[-1]["labels"]
+
+
 def test_a_checkpoint_folder_is_never_a_run_folder(uninterrupted, capsys):
     policy = uninterrupted / "policy"
     before = folder_digest(policy)
