@@ -184,6 +184,22 @@ def test_a_bad_init_folder_is_one_line_and_exit_2(write, message, tmp_path, caps
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
 
 
+def test_a_truncated_safetensors_file_is_one_line_and_exit_2(tmp_path, capsys):
+    import base64
+    from model import GPT, GPTConfig
+    GPT(GPTConfig(vocab_size=512, dim=32, n_layer=1, n_head=2, n_kv_head=1, ffn_hidden=64)).save_pretrained(
+        tmp_path / "llama")
+    ranks = "".join(f"{base64.b64encode(bytes([i])).decode()} {i}\n" for i in range(256))
+    (tmp_path / "llama" / "tokenizer.model").write_text(ranks)
+    weights = tmp_path / "llama" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])  # a download cut in the middle
+    with pytest.raises(SystemExit) as exit_:
+        iterate.main(TINY + ["--init", str(tmp_path / "llama"), "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"--init {tmp_path / 'llama'}: cannot load it: " in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
 def test_a_model_vocabulary_past_its_tokenizer_is_refused_before_any_work(tmp_path, capsys):
     import base64
     from model import GPT, GPTConfig
