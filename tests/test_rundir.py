@@ -170,6 +170,27 @@ def test_a_checkpoint_folder_is_never_a_run_folder(uninterrupted, capsys):
         check_run_folder(str(policy / "nothing"), resume=True, overwrite=False)
 
 
+def refused_init(tmp_path, capsys) -> str:
+    """Run TINY with --init tmp_path/llama; it must stop with exit 2 and one line on stderr, before any run folder
+    exists. Returns that line."""
+    with pytest.raises(SystemExit) as exit_:
+        iterate.main(TINY + ["--init", str(tmp_path / "llama"), "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and len(err.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+    return err
+
+
+def small_llama(folder, vocab_size: int):
+    """A one-block random Llama folder with a byte-level tokenizer.model: 256 bytes + Llama 3's 256 specials, 512
+    ids."""
+    import base64
+    from model import GPT, GPTConfig
+    GPT(GPTConfig(vocab_size=vocab_size, dim=32, n_layer=1, n_head=2, n_kv_head=1, ffn_hidden=64)).save_pretrained(
+        folder)
+    (folder / "tokenizer.model").write_text("".join(f"{base64.b64encode(bytes([i])).decode()} {i}\n"
+                                                    for i in range(256)))
+
+
 @pytest.mark.parametrize("write, message", [
     (lambda folder: None, "no such folder"),
     (lambda folder: folder.mkdir(), "holds neither config.json (Hugging Face) nor params.json (Meta)"),
@@ -177,41 +198,19 @@ def test_a_checkpoint_folder_is_never_a_run_folder(uninterrupted, capsys):
 ])
 def test_a_bad_init_folder_is_one_line_and_exit_2(write, message, tmp_path, capsys):
     write(tmp_path / "llama")
-    with pytest.raises(SystemExit) as exit_:
-        iterate.main(TINY + ["--init", str(tmp_path / "llama"), "--out", str(tmp_path / "run")])
-    err = capsys.readouterr().err
-    assert exit_.value.code == 2 and f"--init {tmp_path / 'llama'}: {message}" in err
-    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+    assert f"--init {tmp_path / 'llama'}: {message}" in refused_init(tmp_path, capsys)
 
 
 def test_a_truncated_safetensors_file_is_one_line_and_exit_2(tmp_path, capsys):
-    import base64
-    from model import GPT, GPTConfig
-    GPT(GPTConfig(vocab_size=512, dim=32, n_layer=1, n_head=2, n_kv_head=1, ffn_hidden=64)).save_pretrained(
-        tmp_path / "llama")
-    ranks = "".join(f"{base64.b64encode(bytes([i])).decode()} {i}\n" for i in range(256))
-    (tmp_path / "llama" / "tokenizer.model").write_text(ranks)
+    small_llama(tmp_path / "llama", 512)
     weights = tmp_path / "llama" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])  # a download cut in the middle
-    with pytest.raises(SystemExit) as exit_:
-        iterate.main(TINY + ["--init", str(tmp_path / "llama"), "--out", str(tmp_path / "run")])
-    err = capsys.readouterr().err
-    assert exit_.value.code == 2 and f"--init {tmp_path / 'llama'}: cannot load it: " in err
-    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+    assert f"--init {tmp_path / 'llama'}: cannot load it: " in refused_init(tmp_path, capsys)
 
 
 def test_a_model_vocabulary_past_its_tokenizer_is_refused_before_any_work(tmp_path, capsys):
-    import base64
-    from model import GPT, GPTConfig
-    GPT(GPTConfig(vocab_size=600, dim=32, n_layer=1, n_head=2, n_kv_head=1, ffn_hidden=64)).save_pretrained(
-        tmp_path / "llama")
-    ranks = "".join(f"{base64.b64encode(bytes([i])).decode()} {i}\n" for i in range(256))
-    (tmp_path / "llama" / "tokenizer.model").write_text(ranks)  # 256 bytes + Llama 3's 256 specials: 512 ids
-    with pytest.raises(SystemExit) as exit_:
-        iterate.main(TINY + ["--init", str(tmp_path / "llama"), "--out", str(tmp_path / "run")])
-    err = capsys.readouterr().err
-    assert exit_.value.code == 2 and "the model's vocabulary has 600 ids but its tokenizer 512" in err
-    assert not (tmp_path / "run").exists()
+    small_llama(tmp_path / "llama", 600)
+    assert "the model's vocabulary has 600 ids but its tokenizer 512" in refused_init(tmp_path, capsys)
 
 
 def test_an_over_long_prompt_is_refused_before_any_label_is_bought(tmp_path, capsys):
