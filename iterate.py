@@ -101,6 +101,8 @@ class Settings:
     sft_lr: float = option(4e-3, "SFT peak learning rate")
     max_new_tokens: int = option(28, "cap on sampled response tokens (28 words cut the corpus's rambles, 13 %% of "
                                      "its responses)")
+    oracle_temperature: float = option(1.0, "temperature of the oracle's Bradley-Terry draw (eq. 1), for its labels "
+                                            "and the win-rates; near 0 every label follows r*")
     # reward model
     rm_labels: int = option(1024, "oracle-labelled pi0 pairs for the first reward model (L0; counted in labels "
                                   "spent)")
@@ -162,7 +164,7 @@ class Settings:
                      "rm_batch", "iterations", "prompts_per_iter", "dpo_batch", "eval_prompts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{flag(name)} must be at least 1, got {getattr(self, name)}")
-        for name in ("sft_lr", "rm_lr", "dpo_lr", "beta", "dpo_epochs", "uncertainty_lambda"):
+        for name in ("sft_lr", "rm_lr", "dpo_lr", "beta", "dpo_epochs", "uncertainty_lambda", "oracle_temperature"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
                 raise ValueError(f"--{flag(name)} must be a finite number > 0, got {getattr(self, name)}")
         if not 0 <= self.label_smoothing < 0.5:  # at 0.5 a label says nothing; above, it says the opposite
@@ -394,7 +396,8 @@ def fit_reward_model(rm, labelled: list[Preference], settings, device) -> dict:
 def rm0_key(settings, tokenizer) -> dict:
     """What the first reward model depends on; --init and --prompts by their contents, not their paths."""
     s = settings
-    names = ("chat", "rm_labels", "rm_max_epochs", "rm_batch", "rm_lr", "rm_trainable_layers", "max_new_tokens")
+    names = ("chat", "rm_labels", "rm_max_epochs", "rm_batch", "rm_lr", "rm_trainable_layers", "max_new_tokens",
+             "oracle_temperature")
     return {"pi0": pi0_key(s, tokenizer), "init": content_hash(s.init), "prompts": content_hash(s.prompts),
             **{name: getattr(s, name) for name in names}}
 
@@ -526,7 +529,7 @@ def run(settings: Settings) -> list[dict]:
     world, tokenizer, prompt_source, pi0 = read_inputs(s, device)
     open_run_folder(s)
     print(f"device {device}; settings in {os.path.join(s.out, 'config.json')}")
-    clock, oracle, metrics = time.time(), Oracle(), []
+    clock, oracle, metrics = time.time(), Oracle(s.oracle_temperature), []
     ledger = Ledger(os.path.join(s.out, "labels.jsonl"))
     checkpoint_path = os.path.join(s.out, "checkpoint.pt")
 

@@ -21,6 +21,22 @@ def one_thread():
         os.environ["OMP_NUM_THREADS"] = env
 
 
+@pytest.fixture
+def write_llama():
+    """A function writing a random Llama folder (Hugging Face format, one block unless config says otherwise) with a
+    byte-level tokenizer.model: 256 byte ids + Llama 3's 256 specials, so a vocabulary of 512 fits it."""
+    import base64
+    from model import GPT, GPTConfig
+
+    def write(folder, vocab_size: int = 512, **config):
+        shape = dict(dim=32, n_layer=1, n_head=2, n_kv_head=1, ffn_hidden=64, max_seq_len=128) | config
+        GPT(GPTConfig(vocab_size=vocab_size, **shape)).save_pretrained(folder)
+        (folder / "tokenizer.model").write_text("".join(f"{base64.b64encode(bytes([i])).decode()} {i}\n"
+                                                        for i in range(256)))
+        return folder
+    return write
+
+
 @pytest.fixture(scope="module")
 def small_world():
     """The world's tokenizer, the seed-0 world, and a 2-block random model over its vocabulary."""

@@ -109,16 +109,11 @@ def test_micro_run_raises_win_rate_above_pi0(tmp_path):
     assert rows == json.loads(json.dumps(metrics)) and [r["iteration"] for r in rows] == [0, 1, 2, 3]
 
 
-def test_loop_runs_from_a_llama_folder_with_lora_and_a_prompt_file(tmp_path):
+def test_loop_runs_from_a_llama_folder_with_lora_and_a_prompt_file(tmp_path, write_llama):
     # a Hugging Face Llama folder (written by save_pretrained) with a byte-level tokenizer.model, the prompts from a
     # JSON-lines file in the chat format, LoRA adapters: the loop runs, and the merged policy it saves loads back
-    import base64
     torch.manual_seed(0)
-    config = GPTConfig(vocab_size=512, dim=32, n_layer=2, n_head=2, n_kv_head=1, ffn_hidden=64, max_seq_len=128)
-    start = GPT(config)
-    start.save_pretrained(tmp_path / "llama")
-    ranks = "".join(f"{base64.b64encode(bytes([i])).decode()} {i}\n" for i in range(256))
-    (tmp_path / "llama" / "tokenizer.model").write_text(ranks)
+    start = GPT.from_pretrained(write_llama(tmp_path / "llama", n_layer=2))
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in World(seed=0).prompts[:16]))
     out = tmp_path / "run"
@@ -132,6 +127,36 @@ def test_loop_runs_from_a_llama_folder_with_lora_and_a_prompt_file(tmp_path):
     before, after = start.state_dict(), trained.state_dict()
     assert torch.equal(before["tok_embeddings.weight"], after["tok_embeddings.weight"])  # LoRA left it alone
     assert not torch.equal(before["layers.0.attention.wq.weight"], after["layers.0.attention.wq.weight"])  # merged
+
+
+@pytest.mark.parametrize("chat, in_chat_format", [("auto", True), ("off", False)])
+def test_chat_flag_sets_how_every_prompt_reaches_the_policy(chat, in_chat_format, tmp_path, write_llama,
+                                                            monkeypatch):
+    # a tokenizer with Llama 3's header tokens: auto wraps each prompt in the chat format, off gives the plain one
+    from tokenizer import Tokenizer
+    folder = write_llama(tmp_path / "llama")
+    header = Tokenizer.from_pretrained(folder).special_tokens["<|start_header_id|>"]
+    calls = {}
+    for name in ("sample_candidates", "make_held_out"):
+        spy_on(monkeypatch, iterate, name, calls)
+    iterate.main(TINY + ["--init", str(folder), "--chat", chat, "--iterations", "1", "--out", str(tmp_path / "run")])
+    prompt_tokens = [p for args, _ in calls["sample_candidates"] for p in args[1]]
+    assert prompt_tokens and all((header in p) == in_chat_format for p in prompt_tokens)
+    (held_out_args, _), = calls["make_held_out"]
+    assert held_out_args[4] == chat  # the held-out prompts are encoded the same way
+
+
+def test_cache_folder_holds_pi0_and_the_first_reward_model_for_every_run_naming_it(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    iterate.main(TINY + ["--iterations", "1", "--cache", str(cache), "--out", str(tmp_path / "a")])
+    cached = sorted(f.name.split("-")[0] for f in cache.iterdir())
+    assert cached == ["pi0", "rm0"] and not list((tmp_path / "a").glob("*0-*.pt"))
+    import start  # a second run naming the cache neither trains pi0 again nor buys rm0's labels again
+    monkeypatch.setattr(start, "train_sft", lambda *args: pytest.fail("pi0 trained again"))
+    monkeypatch.setattr(iterate.reward, "fit_mle", lambda *args, **kwargs: pytest.fail("rm0 fitted again"))
+    rows = iterate.main(TINY + ["--iterations", "1", "--cache", str(cache), "--out", str(tmp_path / "b")])
+    first = [json.loads(line) for line in open(tmp_path / "a" / "metrics.jsonl")]
+    assert rows[0]["labels"] == first[0]["labels"] and rows[0]["win_rate"] == first[0]["win_rate"]
 
 
 def test_reward_model_labels_drop_equal_scores():
@@ -237,7 +262,7 @@ def spy_on(monkeypatch, module, name, calls):
 
 @pytest.mark.parametrize("extra", [
     ["--loss", "ipo", "--pairs", "uncertainty", "--uncertainty-lambda", "2.5"],
-    ["--label-smoothing", "0.05", "--nll-weight", "0.25", "--rm-refit-from", "pi0"],
+    ["--label-smoothing", "0.05", "--nll-weight", "0.25", "--rm-refit-from", "pi0", "--oracle-temperature", "0.3"],
 ])
 def test_every_training_flag_reaches_its_stage(extra, tmp_path, monkeypatch):
     # one tiny run with a value off the default for each flag, and spies on the functions the stages call: a flag
@@ -249,15 +274,18 @@ def test_every_training_flag_reaches_its_stage(extra, tmp_path, monkeypatch):
     for module, name in ((dpo, "train_dpo"), (reward, "fit_mle"), (start, "train_sft"),
                          (iterate, "sample_candidates"), (iterate, "make_held_out"), (iterate, "best_worst_pairs"),
                          (iterate, "uncertainty_pairs"), (iterate, "feature_covariance"), (iterate, "new_reward_model"),
-                         (iterate, "write_evaluation")):
+                         (iterate, "write_evaluation"), (iterate, "label_pairs"), (iterate, "evaluate"),
+                         (iterate, "pick_device")):
         spy_on(monkeypatch, module, name, calls)
-    flags = ["--sft-examples", "200", "--sft-steps", "3", "--sft-lr", "3e-3", "--sft-batch", "7", "--rm-labels", "12",
-             "--rm-max-epochs", "2", "--rm-lr", "7e-4", "--rm-batch", "5", "--rm-trainable-layers", "1",
-             "--iterations", "2", "--prompts-per-iter", "5", "--n", "4", "--pairs-per-prompt", "2",
+    flags = ["--sft-examples", "200", "--sft-steps", "3", "--sft-lr", "3e-3", "--sft-batch", "7", "--device", "cpu",
+             "--rm-labels", "12", "--rm-max-epochs", "2", "--rm-lr", "7e-4", "--rm-batch", "5",
+             "--rm-trainable-layers", "1", "--iterations", "2", "--prompts-per-iter", "5", "--n", "4",
+             "--pairs-per-prompt", "2",
              "--max-new-tokens", "9", "--eval-prompts", "12", "--show", "2", "--beta", "0.37", "--dpo-lr", "3e-3",
              "--dpo-batch", "3", "--dpo-epochs", "1.5", "--seed", "3", "--out", str(tmp_path)]
     settings = iterate.parse_args(flags + extra)
     iterate.main(flags + extra)
+    assert [args for args, _ in calls["pick_device"]] == [("cpu",)]
     (sft_args, _), = calls["train_sft"]
     assert sft_args[2:6] == (3, 3e-3, 7, 3)                                       # steps, lr, batch, seed
     assert len(sft_args[1]) == 200 and max(len(r) for _, r in sft_args[1]) <= 9   # examples, the response cap
@@ -285,4 +313,6 @@ def test_every_training_flag_reaches_its_stage(extra, tmp_path, monkeypatch):
                             settings.loss)
         assert kwargs["nll_weight"] == settings.nll_weight
     assert [a[6] for a, _ in calls["write_evaluation"]] == [2, 2, 2]
+    oracles = [a[2] for a, _ in calls["label_pairs"]] + [a[4] for a, _ in calls["evaluate"]]
+    assert len(oracles) == 1 + 2 + 3 and all(o.temperature == settings.oracle_temperature for o in oracles)
     assert open(tmp_path / "samples.txt").read().count("  r* ") == 3 * 2            # --show 2, 3 evaluations

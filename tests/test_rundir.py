@@ -180,17 +180,6 @@ def refused_init(tmp_path, capsys) -> str:
     return err
 
 
-def small_llama(folder, vocab_size: int):
-    """A one-block random Llama folder with a byte-level tokenizer.model: 256 bytes + Llama 3's 256 specials, 512
-    ids."""
-    import base64
-    from model import GPT, GPTConfig
-    GPT(GPTConfig(vocab_size=vocab_size, dim=32, n_layer=1, n_head=2, n_kv_head=1, ffn_hidden=64)).save_pretrained(
-        folder)
-    (folder / "tokenizer.model").write_text("".join(f"{base64.b64encode(bytes([i])).decode()} {i}\n"
-                                                    for i in range(256)))
-
-
 @pytest.mark.parametrize("write, message", [
     (lambda folder: None, "no such folder"),
     (lambda folder: folder.mkdir(), "holds neither config.json (Hugging Face) nor params.json (Meta)"),
@@ -201,15 +190,15 @@ def test_a_bad_init_folder_is_one_line_and_exit_2(write, message, tmp_path, caps
     assert f"--init {tmp_path / 'llama'}: {message}" in refused_init(tmp_path, capsys)
 
 
-def test_a_truncated_safetensors_file_is_one_line_and_exit_2(tmp_path, capsys):
-    small_llama(tmp_path / "llama", 512)
+def test_a_truncated_safetensors_file_is_one_line_and_exit_2(tmp_path, capsys, write_llama):
+    write_llama(tmp_path / "llama")
     weights = tmp_path / "llama" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])  # a download cut in the middle
     assert f"--init {tmp_path / 'llama'}: cannot load it: " in refused_init(tmp_path, capsys)
 
 
-def test_a_model_vocabulary_past_its_tokenizer_is_refused_before_any_work(tmp_path, capsys):
-    small_llama(tmp_path / "llama", 600)
+def test_a_model_vocabulary_past_its_tokenizer_is_refused_before_any_work(tmp_path, capsys, write_llama):
+    write_llama(tmp_path / "llama", vocab_size=600)
     assert "the model's vocabulary has 600 ids but its tokenizer 512" in refused_init(tmp_path, capsys)
 
 

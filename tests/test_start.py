@@ -91,3 +91,22 @@ def test_a_device_this_machine_lacks_is_an_input_error(monkeypatch):
     with pytest.raises(InputError, match="--device gpu0: not a device name"):
         start.pick_device("gpu0")
     assert start.pick_device("cpu").type == "cpu"
+
+
+def test_preset_sets_the_shape_of_the_pi0_that_sft_trains(small_world, tmp_path, monkeypatch):
+    tokenizer, world, _ = small_world
+    monkeypatch.setattr(start, "train_sft", lambda model, *args: 0.0)  # the shape is the point, not the training
+    for preset in ("tiny", "small"):
+        pi0 = start.make_pi0(world, tokenizer, Settings(preset=preset, sft_examples=8), "cpu", str(tmp_path))
+        assert pi0.config == start.GPTConfig.preset(preset, vocab_size=tokenizer.n_vocab)
+
+
+def test_init_is_loaded_in_the_asked_dtype_with_the_asked_rope_factor(tmp_path, write_llama):
+    import torch
+    folder = write_llama(tmp_path / "llama", rope_scaling=dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                                               original_max_position=8192))
+    cpu = torch.device("cpu")
+    *_, pi0 = start.read_inputs(Settings(init=str(folder)), cpu)  # auto: float32 off CUDA; the folder's factor
+    assert {p.dtype for p in pi0.parameters()} == {torch.float32} and pi0.config.rope_scaling["factor"] == 8.0
+    *_, pi0 = start.read_inputs(Settings(init=str(folder), dtype="bfloat16", rope_scaling_factor=32.0), cpu)
+    assert {p.dtype for p in pi0.parameters()} == {torch.bfloat16} and pi0.config.rope_scaling["factor"] == 32.0
