@@ -12,10 +12,19 @@ FFN 8192, vocabulary 128256, tied, RoPE theta 500000 scaled by 32) in bfloat16 w
 iteration's work: n sampled responses per prompt (tokens/s), one DPO step on (first, second) response pairs with
 the adapters-off model as reference (seconds), and the peak GPU memory of each. Without CUDA it says so and stops.
 
-What it simplifies: random weights (speed and memory do not depend on them); no tokenizer, random prompt ids.
+(c) --iteration. One online iteration of iterate.py itself (--lora, --dtype bfloat16: the first reward model,
+sampling, labelling, DPO, evaluation) from a random Llama-3.2-1B-shaped folder in bfloat16 (all 16 layers, 2.3
+GiB, with a synthetic 128000-rank tokenizer.model), or from --init FOLDER (a real one), in a subprocess on CUDA
+when there is one, else the CPU. It prints the peak memory above the baseline (CUDA: max_memory_allocated; CPU:
+VmHWM) as a ratio of the checkpoint's bfloat16 size: policy, reference and reward model share one frozen base, so
+the target is 1.5 plus activations and KV cache.
 
-    python bench_llama.py          # (a): about a minute on 2 CPU cores, 2 GB of temporary disk, 2.5 GB of memory
-    python bench_llama.py --gpu    # (a) and (b)
+What it simplifies: random weights (speed and memory do not depend on them); (b) has no tokenizer, random prompt
+ids; (c)'s synthetic tokenizer splits the world's text into bytes (long prompts), its other ranks unreachable.
+
+    python bench_llama.py               # (a): about a minute on 2 CPU cores, 2 GB of temporary disk, 2.5 GB of memory
+    python bench_llama.py --gpu         # (a) and (b)
+    python bench_llama.py --skip-load --iteration   # (c): minutes on a CPU, 2.5 GB of disk, about 4 GB of memory
 """
 import argparse
 import json
@@ -159,6 +168,50 @@ def bench_gpu(args, device="cuda"):
           f"backward, AdamW): {step_s * 1000:.0f} ms; peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
 
 
+def write_llama_folder(folder: Path, config: GPTConfig):
+    """A random bfloat16 Llama folder of `config`'s shape with a tokenizer.model covering its vocabulary: the 256
+    bytes, then synthetic multi-byte tokens (tiktoken never reaches them: no merges lead there), then Llama 3's
+    256 special tokens, which the tokenizer adds itself."""
+    import base64
+    random_model(config, "cpu", torch.bfloat16).save_pretrained(folder)
+    n_ranks = config.vocab_size - 256
+    tokens = [bytes([i]) for i in range(256)] + [b"\xff\xfe" + i.to_bytes(3, "big") for i in range(n_ranks - 256)]
+    (folder / "tokenizer.model").write_text("".join(f"{base64.b64encode(t).decode()} {rank}\n"
+                                                    for rank, t in enumerate(tokens)))
+
+
+def iteration_child(folder: str, out: str, flags: list[str]):
+    """Runs in the subprocess: one online iteration of iterate.py; prints the peak memory as one JSON line."""
+    import iterate
+    cuda = torch.cuda.is_available()
+    baseline = torch.cuda.memory_allocated() / 2**20 if cuda else peak_rss_mb()
+    start = time.time()
+    rows = iterate.main(["--init", folder, "--out", out, "--overwrite", *flags])
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else peak_rss_mb()
+    print(json.dumps(dict(baseline_mb=baseline, peak_mb=peak, seconds=time.time() - start, device="cuda" if cuda
+                          else "cpu", win_rate=rows[-1]["win_rate"], kl=rows[-1]["kl"])))
+
+
+def bench_iteration(args):
+    flags = ["--lora", str(args.rank), "--dtype", "bfloat16", "--iterations", "1", "--rm-labels", "8",
+             "--rm-max-epochs", "1", "--prompts-per-iter", str(args.prompts), "--n", "2", "--pairs-per-prompt", "1",
+             "--eval-prompts", str(args.prompts), "--max-new-tokens", str(args.new_tokens), "--dpo-batch", "4",
+             "--rm-batch", "4", "--show", "0"]
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(args.init) if args.init else Path(tmp) / "llama"
+        if not args.init:
+            write_llama_folder(folder, GPTConfig(**LLAMA_32_1B))
+        size_mb = sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 2**20
+        out = subprocess.run([sys.executable, __file__, "--iteration-child", str(folder), str(Path(tmp) / "run"),
+                              *flags], check=True, capture_output=True, text=True).stdout
+        stats = json.loads(out.strip().splitlines()[-1])
+    above = stats["peak_mb"] - stats["baseline_mb"]  # Llama 3.x folders, like the random one, are bfloat16
+    print(f"(c) one online iteration of iterate.py, {' '.join(flags)}, on the {stats['device']}: checkpoint "
+          f"{size_mb:.0f} MiB; peak memory above baseline {above:.0f} MiB, {above / size_mb:.2f} x the "
+          f"checkpoint (target 1.5 plus activations and KV cache); {stats['seconds']:.0f} s; win-rate "
+          f"{stats['win_rate']:.3f}, KL {stats['kl']:.3f}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -174,14 +227,22 @@ def main():
     group.add_argument("--new-tokens", type=int, default=128, help="tokens sampled per response")
     group.add_argument("--rank", type=int, default=16, help="LoRA rank")
     group.add_argument("--steps", type=int, default=3, help="timed DPO steps (after one warm-up)")
+    group = parser.add_argument_group("one online iteration (c)")
+    group.add_argument("--iteration", action="store_true", help="run (c): iterate.py's loop, one iteration")
+    group.add_argument("--init", help="a real Llama folder for (c) instead of a random Llama-3.2-1B-shaped one")
+    group.add_argument("--iteration-child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)  # internal
     args = parser.parse_args()
     if args.child:
         return child(args.child)
+    if args.iteration_child:
+        return iteration_child(args.iteration_child[0], args.iteration_child[1], args.iteration_child[2:])
     print(json.dumps({k: v for k, v in vars(args).items() if k != "child"}))
     if not args.skip_load:
         bench_load_memory(args.layers)
     if args.gpu:
         bench_gpu(args)
+    if args.iteration:
+        bench_iteration(args)
 
 
 if __name__ == "__main__":

@@ -252,7 +252,7 @@ def read_folder(path, dtype=None, device="cpu", max_seq_len=None, rope_scaling_f
 def write_hf_folder(path, c: dict, state: dict, dtype: torch.dtype):
     """What GPT.save_pretrained writes: config.json + model.safetensors in Hugging Face's Llama layout, from
     GPTConfig's fields `c` and a state dict under our names (plain Llama keys only: LoRA adapters merged first).
-    `dtype` is the weights' dtype, which config.json records as torch_dtype."""
+    The weights are written in `dtype`, which config.json records as torch_dtype."""
     from safetensors.torch import save_file
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
@@ -262,7 +262,7 @@ def write_hf_folder(path, c: dict, state: dict, dtype: torch.dtype):
             continue  # Hugging Face omits lm_head.weight when tie_word_embeddings is true
         if name.endswith(("attention.wq.weight", "attention.wk.weight")):
             t = permute_meta_to_hf(t, c["n_head"] if ".wq." in name else c["n_kv_head"])
-        tensors[rename(name, META_TO_HF)] = t.detach().contiguous()
+        tensors[rename(name, META_TO_HF)] = t.detach().to(dtype).contiguous()
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})  # transformers wants "format"
     scaling = c["rope_scaling"]
     rope_scaling = scaling and dict(

@@ -46,13 +46,14 @@ from tqdm import tqdm
 import dpo
 import reward
 from evaluate import evaluate, make_held_out, write_evaluation
-from lora import AdaptersOff, add_lora, merge_lora
+from lora import AdaptersOff, add_lora, merge_lora, share_frozen
 from model import sample
 from oracle import Oracle
 from rundir import (InputError, Ledger, atomic_save, atomic_write_text, check_run_folder, set_stream_states,
                     stream_states, trained_state)
-from start import (cached_path, content_hash, load_cached, make_pi0, pi0_key, pick_device, read_inputs,
-                   save_cached)
+from start import (cached_path, compute_dtype, content_hash, load_cached, make_pi0, pi0_key, pick_device,
+                   read_inputs, save_cached)
+from train import precision
 
 PAIR_RULES = ("best-worst", "random", "uncertainty", "offline")
 LABELERS = ("oracle", "rm")
@@ -89,8 +90,11 @@ class Settings:
                        choices=("auto", "on", "off"))
     lora: int = option(0, "LoRA rank for the policy (0: train all weights); the DPO reference is then the same "
                           "model with adapters off")
-    dtype: str = option("auto", "weights of a loaded checkpoint (auto: bfloat16 on CUDA)",
+    dtype: str = option("auto", "precision: bfloat16 keeps pi0's frozen weights in bf16 and computes under bf16 "
+                                "autocast, while every weight that trains is float32; auto: bfloat16 on CUDA",
                         choices=("auto", "float32", "bfloat16"))
+    save_dtype: str = option("auto", "dtype of the saved policy/ (auto: pi0's, i.e. the checkpoint's under --dtype)",
+                             choices=("auto", "float32", "bfloat16"))
     rope_scaling_factor: float | None = option(None, "RoPE scaling factor of a Meta folder (Llama 3.2 1B/3B: 32)",
                                                type=float)
     # world and pi0 (SFT)
@@ -379,10 +383,26 @@ def label_pairs(candidates: list[Candidate], labeler: str, oracle, rng, ledger: 
 # ---------------------------------------------------------------------------------------------------------------
 # the reward model: the maximum-likelihood fit on the first oracle labels (of pi0 samples), then on all labels so far
 
+def trainable_copy(pi0):
+    """A float32 copy of pi0 whose weights all train; pi0 itself stays frozen in its own dtype."""
+    return copy.deepcopy(pi0).float().requires_grad_(True)
+
+
+def make_policy(pi0, settings):
+    """(the policy that trains, the DPO reference). Under LoRA: pi0 with float32 adapters, and the same model with
+    them switched off (one copy of the weights); otherwise a float32 copy of pi0, and pi0."""
+    if settings.lora:
+        policy = add_lora(pi0, settings.lora)
+        return policy, AdaptersOff(policy)
+    return trainable_copy(pi0), pi0
+
+
 def new_reward_model(pi0, settings, device):
-    """r_hat initialised from pi0 (its backbone) with a zero head: every reward starts at 0."""
+    """r_hat initialised from pi0 with a zero head: every reward starts at 0. Under LoRA its backbone is pi0's
+    frozen base itself with adapters of its own (no copy of the base); otherwise a float32 copy of pi0."""
     trainable = None if settings.rm_trainable_layers < 0 else settings.rm_trainable_layers
-    return reward.RewardModel(copy.deepcopy(pi0), trainable).to(device)
+    backbone = add_lora(share_frozen(pi0), settings.lora) if settings.lora else trainable_copy(pi0)
+    return reward.RewardModel(backbone, trainable).to(device)
 
 
 def fit_reward_model(rm, labelled: list[Preference], settings, device) -> dict:
@@ -397,7 +417,7 @@ def rm0_key(settings, tokenizer) -> dict:
     """What the first reward model depends on; --init and --prompts by their contents, not their paths."""
     s = settings
     names = ("chat", "rm_labels", "rm_max_epochs", "rm_batch", "rm_lr", "rm_trainable_layers", "max_new_tokens",
-             "oracle_temperature")
+             "oracle_temperature", "lora", "dtype")
     return {"pi0": pi0_key(s, tokenizer), "init": content_hash(s.init), "prompts": content_hash(s.prompts),
             **{name: getattr(s, name) for name in names}}
 
@@ -416,7 +436,7 @@ def make_reward_model(pi0, prompt_source, oracle, tokenizer, settings, device, c
         print(f"{path}: its labels are not in ledger form; rebuilding it")
         saved = None
     if saved is not None:
-        rm.load_state_dict(saved["model"])
+        rm.load_state_dict(saved["model"], strict=not s.lora)
         oracle.queries += saved["queries"]
         if ledger is not None:
             ledger.adopt(saved["ledger"])
@@ -434,7 +454,7 @@ def make_reward_model(pi0, prompt_source, oracle, tokenizer, settings, device, c
     labelled = label_pairs(candidates, "oracle", oracle, np.random.default_rng(s.seed + 1), ledger)
     fit = fit_reward_model(rm, labelled, s, device)
     # one query per labelled pair (the caller's oracle may have answered others before)
-    save_cached(path, key, model=rm.state_dict(), pairs=labelled, queries=len(labelled), fit=fit,
+    save_cached(path, key, model=trained_state(rm, s), pairs=labelled, queries=len(labelled), fit=fit,
                 ledger=ledger.lines[first_line:ledger.used] if ledger is not None else [])
     return rm.eval(), labelled, fit
 
@@ -442,7 +462,7 @@ def make_reward_model(pi0, prompt_source, oracle, tokenizer, settings, device, c
 def refit_reward_model(rm, rm_start, oracle_pairs: list[Preference], settings, device):
     """The refit: the MLE on every oracle label so far, from the previous reward model (warm), or from `rm_start`
     (pi0 with a fresh head) when given. Returns (r_hat, the fit's statistics)."""
-    rm = rm if rm_start is None else copy.deepcopy(rm_start)
+    rm = rm if rm_start is None else share_frozen(rm_start)  # a fresh copy of what trains; a frozen base is shared
     return rm, fit_reward_model(rm, oracle_pairs, settings, device)
 
 
@@ -468,7 +488,7 @@ def dpo_stage(policy, pi0, new_pairs: list[Preference], all_pairs: list[Preferen
     or the previous iterate (--reference previous). Returns (pi_t, its statistics); with no pairs (all tied) there
     is nothing to learn from, and the stage is skipped with a logged line."""
     s = settings
-    previous, policy = policy, (copy.deepcopy(pi0) if s.restart else policy)
+    previous, policy = policy, (trainable_copy(pi0) if s.restart else policy)
     pairs = all_pairs if s.restart else new_pairs
     if not pairs:
         print(f"iteration {t + 1}: no pairs to train on (all tied); DPO skipped")
@@ -518,13 +538,21 @@ def timed(seconds: dict, key: str):
 
 
 def run(settings: Settings) -> list[dict]:
-    """Algorithm 2 end to end; returns the rows written to metrics.jsonl. Every input is checked before any work;
-    each iteration ends with an atomic checkpoint that --resume continues from."""
+    """Algorithm 2 end to end, in the precision --dtype asks for (train.precision); returns the rows written to
+    metrics.jsonl."""
+    device = pick_device(settings.device)
+    with precision(compute_dtype(settings.dtype, device), device):
+        return online_loop(settings, device)
+
+
+def online_loop(settings: Settings, device) -> list[dict]:
+    """Every input is checked before any work; each iteration ends with an atomic checkpoint that --resume
+    continues from."""
     s = settings
     torch.manual_seed(s.seed)  # what draws from torch's global generator (LoRA's init, a head's) is seeded too
     if s.threads:
         torch.set_num_threads(s.threads)
-    device, cache_dir = pick_device(s.device), s.cache or s.out
+    cache_dir = s.cache or s.out
     check_run_folder(s.out, s.resume, s.overwrite)
     world, tokenizer, prompt_source, pi0 = read_inputs(s, device)
     open_run_folder(s)
@@ -533,15 +561,12 @@ def run(settings: Settings) -> list[dict]:
     ledger = Ledger(os.path.join(s.out, "labels.jsonl"))
     checkpoint_path = os.path.join(s.out, "checkpoint.pt")
 
-    pi0 = pi0 if pi0 is not None else make_pi0(world, tokenizer, s, device, cache_dir)
+    pi0 = (pi0 if pi0 is not None else make_pi0(world, tokenizer, s, device, cache_dir)).requires_grad_(False)
+    pi0_dtype = pi0.tok_embeddings.weight.dtype
     rm, oracle_pairs, rm0_fit = make_reward_model(pi0, prompt_source, oracle, tokenizer, s, device, cache_dir,
                                                   ledger)
     rm_start = new_reward_model(pi0, s, device) if s.rm_refit_from == "pi0" else None  # each refit starts here
-    if s.lora:  # the policy trains adapters only; pi0 is the same weights with the adapters switched off
-        policy = add_lora(pi0, s.lora)
-        pi0 = AdaptersOff(policy)
-    else:
-        policy = copy.deepcopy(pi0)
+    policy, pi0 = make_policy(pi0, s)  # under LoRA, pi0 is the policy with its adapters switched off
     held_out = make_held_out(pi0, prompt_source.eval_prompts[:s.eval_prompts], tokenizer, oracle, s.chat,
                              s.max_new_tokens, torch.Generator(device=device).manual_seed(s.seed + 2))
     rngs = random_streams(s.seed, device)
@@ -565,7 +590,7 @@ def run(settings: Settings) -> list[dict]:
     if saved is not None:  # --resume: back to the end of the last finished iteration, every stream included
         first, metrics[:] = saved["iteration"], saved["metrics"]
         policy.load_state_dict(saved["policy"], strict=not s.lora)
-        rm.load_state_dict(saved["rm"])
+        rm.load_state_dict(saved["rm"], strict=not s.lora)
         set_stream_states(rngs, saved["streams"])
         oracle.queries, ledger.used = saved["queries"], saved["ledger_used"]
         oracle_pairs, explored, all_pairs, offline = (saved["data"][k] for k in ("oracle", "explored", "all",
@@ -598,7 +623,7 @@ def run(settings: Settings) -> list[dict]:
         with timed(seconds, "dpo_s"):  # DPO: pi_t from pi_{t-1} (or from pi0 with --restart)
             policy, dpo_stats = dpo_stage(policy, pi0, new_pairs, all_pairs, s, device, t)
         record(t + 1, policy, {"pairs": len(new_pairs), **dpo_stats, **rm_fit, **seconds})
-        atomic_save({"iteration": t + 1, "policy": trained_state(policy, s), "rm": rm.state_dict(),
+        atomic_save({"iteration": t + 1, "policy": trained_state(policy, s), "rm": trained_state(rm, s),
                      "streams": stream_states(rngs), "queries": oracle.queries, "ledger_used": ledger.used,
                      "metrics": metrics,
                      "data": {"oracle": oracle_pairs, "explored": explored, "all": all_pairs, "offline": offline},
@@ -606,7 +631,9 @@ def run(settings: Settings) -> list[dict]:
                      "seconds": round(time.time() - clock, 1)}, checkpoint_path)
     if s.lora:
         merge_lora(policy)
-    policy.save_pretrained(os.path.join(s.out, "policy"))  # a Hugging Face folder GPT.from_pretrained reads
+    save_dtype = pi0_dtype if s.save_dtype == "auto" else getattr(torch, s.save_dtype)
+    policy.save_pretrained(os.path.join(s.out, "policy"), save_dtype)  # a Hugging Face folder from_pretrained reads
+    print(f"policy/ saved in {save_dtype} ({'pi0' if s.save_dtype == 'auto' else '--save-dtype'})")
     print(f"done in {time.time() - clock:.0f} s; wrote metrics.jsonl, labels.jsonl, samples.txt, curves.png, "
           f"policy/ in {s.out}")
     return metrics

@@ -3,10 +3,12 @@ LoRA by hand (Hu et al. 2021, eq. 3): h = W x + (alpha / r) B A x, with W frozen
 
 What it owns: `LoRALinear` (a frozen nn.Linear plus the low-rank update), `add_lora` (swap the named projections of
 a model for LoRALinear, in place, and freeze the rest), `lora_disabled` (a block in which the model is its base),
-`AdaptersOff` (the base as a module of its own) and `merge_lora` (fold the adapters back into plain nn.Linear).
+`AdaptersOff` (the base as a module of its own), `share_frozen` (a second model over the same frozen tensors) and
+`merge_lora` (fold the adapters back into plain nn.Linear).
 
-The DPO reference policy pi0 is then the same model with the adapters switched off, so a LoRA policy and its
-reference cost one copy of the weights, not two.
+The DPO reference policy pi0 is then the same model with the adapters switched off, and the reward model the same
+frozen base with adapters of its own, so policy, reference and reward model cost one copy of the base weights. The
+base may be bfloat16; the adapters are always float32.
 
 What it simplifies: bias-free nn.Linear only (Llama has no biases); adapters are saved by merging them
 (merge_lora, then GPT.save_pretrained writes a plain Llama folder), never as a separate adapter file.
@@ -14,6 +16,7 @@ What it simplifies: bias-free nn.Linear only (Llama has no biases); adapters are
     python lora.py   # adds adapters to a tiny random model, moves them, and checks adapters-off and merging
 """
 import contextlib
+import copy
 import math
 
 import torch
@@ -30,7 +33,9 @@ class LoRALinear(nn.Module):
         super().__init__()
         self.weight = base.weight
         self.weight.requires_grad_(False)
-        factory = dict(device=base.weight.device, dtype=base.weight.dtype)
+        # the adapters train, so they are float32 whatever the base's dtype: AdamW's small steps on bf16 weights
+        # round away (a bf16 number near 0.01 cannot move by less than 2^-14)
+        factory = dict(device=base.weight.device, dtype=torch.float32)
         self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, **factory))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, **factory))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's own init, as the paper's code does
@@ -41,7 +46,10 @@ class LoRALinear(nn.Module):
     def forward(self, x):
         y = F.linear(x, self.weight)
         if self.enabled:
-            y = y + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scale
+            x = self.dropout(x)
+            if not torch.is_autocast_enabled(x.device.type):  # (under autocast the multiplies run in bf16 anyway)
+                x = x.to(self.lora_A.dtype)  # a bf16 base's input meets the float32 adapters
+            y = y + (F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale).to(y.dtype)
         return y
 
 
@@ -81,6 +89,10 @@ class AdaptersOff(nn.Module):
         super().__init__()
         self.policy = policy
 
+    @property
+    def config(self):
+        return self.policy.config
+
     def forward(self, *args, **kwargs):
         with lora_disabled(self.policy):
             return self.policy(*args, **kwargs)
@@ -88,6 +100,14 @@ class AdaptersOff(nn.Module):
     def generate(self, *args, **kwargs):
         with lora_disabled(self.policy):
             return self.policy.generate(*args, **kwargs)
+
+
+def share_frozen(module: nn.Module) -> nn.Module:
+    """A copy of `module` that shares its frozen parameters and its buffers (no memory) and copies the parameters
+    that train. Under LoRA the reward model is pi0's frozen base with adapters and a head of its own: one copy of
+    the base serves the policy, the reference (adapters off) and the reward model."""
+    memo = {id(t): t for t in [*module.parameters(), *module.buffers()] if not t.requires_grad}
+    return copy.deepcopy(module, memo)
 
 
 @torch.no_grad()

@@ -234,13 +234,14 @@ class GPT(nn.Module):
         model.inv_freq = inv_freq.to(device)
         return model
 
-    def save_pretrained(self, path):
+    def save_pretrained(self, path, dtype: torch.dtype | None = None):
         """Write a Hugging Face Llama folder (config.json + model.safetensors) that from_pretrained and
-        transformers' LlamaForCausalLM.from_pretrained read. See checkpoints.write_hf_folder."""
+        transformers' LlamaForCausalLM.from_pretrained read, in `dtype` (default: the weights' own). See
+        checkpoints.write_hf_folder."""
         # lora.LoRALinear's parameters are lora_A and lora_B; looking at names keeps this module free of lora.py
         if any("lora_" in name for name, _ in self.named_parameters()):
             raise ValueError("save_pretrained writes plain Llama weights: call merge_lora(model) first")
-        write_hf_folder(path, asdict(self.config), self.state_dict(), self.tok_embeddings.weight.dtype)
+        write_hf_folder(path, asdict(self.config), self.state_dict(), dtype or self.tok_embeddings.weight.dtype)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

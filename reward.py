@@ -42,22 +42,22 @@ def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Ten
 class RewardModel(nn.Module):
     """r(x, a) = head(phi(x, a)), with phi the backbone's final normed hidden state at the last real token.
 
-    `backbone` is a GPT the reward model owns and trains (pass a deep copy of pi0: the paper initialises the
-    reward model from the SFT model). Its output matrix is unused."""
+    `backbone` is a GPT the reward model trains where its parameters require grad: a float32 copy of pi0 (the
+    paper initialises the reward model from the SFT model), or under LoRA pi0's frozen base with adapters of its own
+    (lora.share_frozen). Its output matrix is unused; the head is float32."""
 
     def __init__(self, backbone, trainable_layers: int | None = None):
         super().__init__()
         self.backbone = backbone
         self.head = nn.Linear(backbone.config.dim, 1)
         if trainable_layers is not None:
-            # fine-tune only the top blocks (and the final norm): the backward pass stops there, which makes
-            # refitting the reward model every iteration affordable on a CPU
-            for param in backbone.parameters():
-                param.requires_grad_(False)
+            # fine-tune only the top blocks (and the final norm), of what the backbone lets train: the backward
+            # pass stops there, which makes refitting the reward model every iteration affordable on a CPU
+            trains = {id(param) for param in backbone.parameters() if param.requires_grad}
             top = list(backbone.layers)[len(backbone.layers) - trainable_layers:] if trainable_layers else []
-            for module in [*top, backbone.norm]:
-                for param in module.parameters():
-                    param.requires_grad_(True)
+            kept = {id(param) for module in [*top, backbone.norm] for param in module.parameters()}
+            for param in backbone.parameters():
+                param.requires_grad_(id(param) in trains and id(param) in kept)
         # a zero head starts every reward at exactly 0 (first loss log 2, all ties); the backbone gets gradient
         # from the second step on, once the head has moved
         nn.init.zeros_(self.head.weight)
@@ -123,7 +123,7 @@ def train_reward_model(rm, pairs, steps: int = 200, lr: float = 1e-4, batch_size
         return bradley_terry_loss(chosen_rewards, rejected_rewards), stats
 
     batches = shuffled_batches(len(pairs), batch_size, seed)
-    return fit(rm, loss_fn, batches, steps, lr, warmup, weight_decay, grad_clip, desc="reward", device=device)
+    return fit(rm, loss_fn, batches, steps, lr, warmup, weight_decay, grad_clip, desc="reward")
 
 
 def fit_mle(rm, pairs, lr: float, batch_size: int, seed: int = 0, device="cpu", max_epochs: int = 10,

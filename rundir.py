@@ -5,7 +5,8 @@ refusal to reuse a folder that holds a run (without --resume or --overwrite) or 
 What it owns: `InputError` (a bad input, found before any work: iterate.py prints it on one line and exits 2),
 `atomic_save` and `atomic_write_text` (write a temporary file, fsync, rename: a kill leaves the old file or the new
 one, never half of one), `check_run_folder`, what a checkpoint holds besides the data (`stream_states` and
-`set_stream_states` for every random stream, `trained_state` for the policy), and `Ledger`, the file labels.jsonl.
+`set_stream_states` for every random stream, `trained_state` for the policy and the reward model), and `Ledger`,
+the file labels.jsonl.
 
 The ledger is the record of every preference label the run counts: one JSON line per oracle query, appended and
 fsynced the moment the label is given, before anything trains on it. A resumed run replays the same queries in
@@ -102,9 +103,11 @@ def set_stream_states(rngs, states: dict):
     rngs.pair.setstate((version, tuple(state), gauss))
 
 
-def trained_state(policy, settings) -> dict:
-    """What training changed: every weight, or under LoRA the adapters only (the base is the checkpoint's)."""
-    return {k: v for k, v in policy.state_dict().items() if not settings.lora or "lora_" in k}
+def trained_state(model, settings) -> dict:
+    """What training changed in the policy or the reward model: every weight, or under LoRA the adapters and the
+    reward head only (the frozen base is the checkpoint's, shared by both)."""
+    return {k: v for k, v in model.state_dict().items()
+            if not settings.lora or "lora_" in k or k.startswith("head.")}
 
 
 class Ledger:

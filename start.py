@@ -144,7 +144,7 @@ def train_sft(model, corpus, steps: int, lr: float, batch_size: int, seed: int, 
     batches = (collate([prompts[i] for i in idx], [responses[i] for i in idx], device)
                for idx in shuffled_batches(len(corpus), batch_size, seed))
     history = fit(model, lambda batch: (sft_loss(model, *batch), {}), batches, steps, lr,
-                  warmup=steps // 20, weight_decay=0.1, desc="SFT pi0", device=device)
+                  warmup=steps // 20, weight_decay=0.1, desc="SFT pi0")
     return history[-1]["loss"]
 
 
@@ -230,11 +230,17 @@ def split_prompts(prompts: list[str], n_eval: int, seed: int) -> SimpleNamespace
     return SimpleNamespace(eval_prompts=prompts[:n_eval], train_prompts=prompts[n_eval:])
 
 
+def compute_dtype(dtype_name: str, device) -> torch.dtype:
+    """--dtype: bfloat16 (what "auto" picks on CUDA) or float32. See train.precision for what it sets."""
+    if dtype_name == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
+
+
 def load_checkpoint(folder, dtype_name: str, device, rope_scaling_factor=None):
-    """pi0 and its tokenizer from a Meta or Hugging Face Llama folder; dtype "auto" is bfloat16 on CUDA."""
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(dtype_name)
-    if dtype is None:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    """pi0 and its tokenizer from a Meta or Hugging Face Llama folder, its weights in --dtype (compute_dtype): pi0
+    never trains (what trains is a float32 copy of it, or adapters on it), so bfloat16 weights may stay bfloat16."""
+    dtype = compute_dtype(dtype_name, device)
     tokenizer = Tokenizer.from_pretrained(folder)
     pi0 = GPT.from_pretrained(folder, dtype=dtype, device=device, rope_scaling_factor=rope_scaling_factor)
     try:

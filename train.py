@@ -29,26 +29,34 @@ def collate(prompts: list[list[int]], responses: list[list[int]], device="cpu"):
     return tokens.to(device), mask.to(device), response_mask.to(device)
 
 
-def autocast(device) -> object:
-    """bfloat16 autocast on CUDA; elsewhere float32 (bf16 autocast was slower than fp32 on a laptop CPU)."""
+def precision(dtype: torch.dtype, device):
+    """A run's compute precision, entered once around all its work (iterate.run). Under bfloat16, autocast runs the
+    matrix multiplies in bf16 while every weight that trains stays float32 (LoRA adapters, the reward head, a fully
+    fine-tuned policy or reward model; `fit` refuses anything else) and frozen weights may be stored in bf16.
+    Under float32, nothing is cast."""
     device = torch.device(device)
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16) if dtype == torch.bfloat16 else nullcontext()
 
 
 @torch.no_grad()
 def map_batches(model, fn, prompts: list[list[int]], responses: list[list[int]], batch_size: int,
-                device=None) -> torch.Tensor:
+                device=None, max_tokens: int | None = None) -> torch.Tensor:
     """fn(tokens, mask, response_mask) on right-padded batches of prompt + response rows (see `collate`), in eval
-    mode, without gradient, under `autocast`: the results, float32 on the CPU, concatenated along dim 0. Scoring,
-    features and log-probs all go through here. An empty input gives an empty tensor."""
+    mode, without gradient, in the caller's `precision`: the results, float32 on the CPU, concatenated along dim 0.
+    Scoring, features and log-probs all go through here. An empty input gives an empty tensor. max_tokens caps
+    rows x the longest row of a batch (halving its rows): long rows over a large vocabulary make large logits."""
     device = device if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
     out = []
-    for start in range(0, len(prompts), batch_size):
-        batch = collate(prompts[start:start + batch_size], responses[start:start + batch_size], device)
-        with autocast(device):
-            out.append(fn(*batch).float().cpu())
+    start = 0
+    while start < len(prompts):
+        rows = batch_size
+        while max_tokens and rows > 1 and rows * max(map(len, prompts[start:start + rows])) + rows * max(
+                map(len, responses[start:start + rows])) > max_tokens:
+            rows //= 2
+        out.append(fn(*collate(prompts[start:start + rows], responses[start:start + rows], device)).float().cpu())
+        start += rows
     model.train(was_training)
     return torch.cat(out) if out else torch.zeros(0)
 
@@ -75,10 +83,14 @@ def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
 
 
 def fit(model, loss_fn, batches, steps: int, lr: float, warmup: int = 0, weight_decay: float = 0.0,
-        grad_clip: float = 1.0, desc: str = "train", device="cpu") -> list[dict]:
+        grad_clip: float = 1.0, desc: str = "train") -> list[dict]:
     """Minimise loss_fn(batch) -> (loss, stats) over `steps` batches from the iterator `batches`.
-    Only parameters with requires_grad are trained (LoRA freezes the rest). Returns one stats dict per step."""
+    Only parameters with requires_grad are trained (LoRA freezes the rest), and only in float32. Returns one stats
+    dict per step."""
     params = [p for p in model.parameters() if p.requires_grad]
+    if any(p.dtype != torch.float32 for p in params):  # a bf16 weight at 1.0 cannot move by less than 2^-8
+        raise ValueError(f"{desc}: trainable weights must be float32 (got {sorted({str(p.dtype) for p in params})}); "
+                         "keep frozen weights in bfloat16 and train a float32 copy or adapters")
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
     model.train()
     history = []
@@ -86,14 +98,15 @@ def fit(model, loss_fn, batches, steps: int, lr: float, warmup: int = 0, weight_
     for step in progress:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, steps, lr, warmup)
-        with autocast(device):
-            loss, stats = loss_fn(next(batches))
+        loss, stats = loss_fn(next(batches))
         if not torch.isfinite(loss):  # stop before the step: the weights stay as they were, finite
             raise FloatingPointError(f"{desc}: the loss is {loss.item()} at step {step + 1} of {steps}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, grad_clip)
         optimizer.step()
+        torch.clear_autocast_cache()  # under bf16 autocast (train.precision) the weights' bf16 casts are cached, and
+        # the cache lives as long as the run's autocast: after a step the cached casts are stale
         history.append({"loss": loss.item(), **stats})
         progress.set_postfix(loss=f"{history[-1]['loss']:.3f}", refresh=False)
     model.eval()

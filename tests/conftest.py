@@ -23,14 +23,15 @@ def one_thread():
 
 @pytest.fixture
 def write_llama():
-    """A function writing a random Llama folder (Hugging Face format, one block unless config says otherwise) with a
-    byte-level tokenizer.model: 256 byte ids + Llama 3's 256 specials, so a vocabulary of 512 fits it."""
+    """A function writing a random Llama folder (Hugging Face format, one block unless config says otherwise, weights
+    in `dtype`, float32 by default) with a byte-level tokenizer.model: 256 byte ids + Llama 3's 256 specials, so a
+    vocabulary of 512 fits it."""
     import base64
     from model import GPT, GPTConfig
 
-    def write(folder, vocab_size: int = 512, **config):
+    def write(folder, vocab_size: int = 512, dtype=None, **config):
         shape = dict(dim=32, n_layer=1, n_head=2, n_kv_head=1, ffn_hidden=64, max_seq_len=128) | config
-        GPT(GPTConfig(vocab_size=vocab_size, **shape)).save_pretrained(folder)
+        GPT(GPTConfig(vocab_size=vocab_size, **shape)).save_pretrained(folder, dtype)
         (folder / "tokenizer.model").write_text("".join(f"{base64.b64encode(bytes([i])).decode()} {i}\n"
                                                         for i in range(256)))
         return folder

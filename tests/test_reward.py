@@ -1,5 +1,6 @@
 """Tests of reward.py: the Bradley-Terry loss against its formula, the reward read at the last real token whatever
 the padding, training on a toy preference, and held-out accuracy with ties. All seeded and deterministic."""
+import copy
 import math
 
 import pytest
@@ -134,3 +135,16 @@ def test_trainable_layers_fine_tune_the_top_blocks_the_final_norm_and_the_head_o
     # the head and the top block move (the head from step 1, the block from step 2 once the head is non-zero)
     assert moved <= trainable and "head.weight" in moved and any(k.startswith("backbone.layers.2.") for k in moved)
     assert all(not p.requires_grad for n, p in rm.named_parameters() if n not in trainable)
+
+
+def test_on_a_lora_backbone_only_its_adapters_in_the_top_blocks_and_the_head_train():
+    # under --lora the reward model is pi0's frozen base with adapters of its own: the base (final norm included)
+    # stays frozen whatever --rm-trainable-layers says
+    from lora import add_lora
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(vocab_size=32, dim=16, n_layer=3, n_head=2, n_kv_head=1, ffn_hidden=32, max_seq_len=16))
+    for layers, blocks in ((None, ("0", "1", "2")), (1, ("2",))):
+        rm = RewardModel(add_lora(copy.deepcopy(gpt), rank=2), trainable_layers=layers)
+        trains = {n for n, p in rm.named_parameters() if p.requires_grad}
+        assert trains == {"head.weight", "head.bias"} | {n for n, _ in rm.named_parameters() if "lora_" in n and
+                                                         n.split(".")[2] in blocks}

@@ -65,3 +65,40 @@ def test_shuffled_batches_cover_every_example_each_epoch_and_refuse_none():
     assert sorted(i for batch in epoch for i in batch) == [0, 1, 2, 3, 4]
     with pytest.raises(ValueError, match="need at least one example"):
         next(shuffled_batches(0, 2, seed=0))
+
+
+def test_fit_trains_float32_weights_only():
+    # a bf16 weight at 1.0 cannot move by less than 2^-8: AdamW's small steps would round away, so fit refuses
+    model = torch.nn.Linear(2, 1).to(torch.bfloat16)
+    with pytest.raises(ValueError, match=r"trainable weights must be float32 \(got \['torch.bfloat16'\]\)"):
+        fit(model, lambda _: (model.weight.float().sum(), {}), iter(range(1)), steps=1, lr=0.1)
+
+
+def test_fit_under_bfloat16_autocast_computes_with_the_updated_weights():
+    # a run keeps one autocast open throughout (train.precision); autocast caches each weight's bf16 cast, so
+    # without clearing the cache after a step the next forward would use the weights of the first
+    from train import precision
+    torch.manual_seed(0)
+    model, x = torch.nn.Linear(4, 1), torch.randn(8, 4)
+    with precision(torch.bfloat16, "cpu"):
+        before = model(x)
+        fit(model, lambda _: (model(x).float().pow(2).mean(), {}), iter(range(3)), steps=3, lr=0.1)
+        after = model(x)
+    with precision(torch.bfloat16, "cpu"):
+        fresh = model(x)  # a new autocast: casts of the current weights
+    assert not torch.equal(after, before) and torch.equal(after, fresh)
+
+
+def test_map_batches_caps_rows_times_length_and_gives_the_same_results():
+    from train import map_batches
+    prompts, responses = [[1] * n for n in range(1, 11)], [[2] * (11 - n) for n in range(1, 11)]  # 11 tokens each
+    shapes = []
+    model = torch.nn.Linear(1, 1)
+
+    def fn(tokens, mask, response_mask):
+        shapes.append(tuple(tokens.shape))
+        return (tokens * mask).sum(1).float()
+    whole = map_batches(model, fn, prompts, responses, batch_size=8)
+    capped = map_batches(model, fn, prompts, responses, batch_size=8, max_tokens=25)
+    assert torch.equal(whole, capped) and shapes[:2] == [(8, 11), (2, 11)]
+    assert shapes[2:] == [(2, 11)] * 5  # 8 rows x 11 > 25, 4 x 11 > 25: 2 rows a batch
