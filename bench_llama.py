@@ -8,10 +8,11 @@ the child's peak resident memory (VmHWM; ru_maxrss off Linux) above its baseline
 a ratio of the file size. Loading through mmap + load_state_dict(assign=True) should keep it near 1.0 (target
 <= 1.3).
 (b) --gpu. On CUDA, a random model of Llama 3.2 1B's exact shape (dim 2048, 16 layers, 32 heads, 8 kv heads,
-FFN 8192, vocabulary 128256, tied, RoPE theta 500000 scaled by 32) in bfloat16 with LoRA rank 16 does one
-iteration's work: n sampled responses per prompt (tokens/s), one DPO step on (first, second) response pairs with
-the adapters-off model as reference (seconds), and the peak GPU memory of each. Without CUDA it says so and stops.
-
+FFN 8192, vocabulary 128256, tied, RoPE theta 500000 scaled by 32) in bfloat16 with float32 LoRA adapters of rank
+16, under bf16 autocast as iterate.py runs, does one iteration's work: n sampled responses per prompt (tokens/s),
+one DPO step on (first, second) response pairs with the adapters-off model as reference (seconds, and MFU: 6 N
+FLOPs a token plus attention, over the step time, against the GPU's bf16 peak), and the peak GPU memory of each;
+then the tiny default run of iterate.py end to end on the GPU (wall time, final win-rate). Without CUDA it says so.
 (c) --iteration. One online iteration of iterate.py itself (--lora, --dtype bfloat16: the first reward model,
 sampling, labelling, DPO, evaluation) from a random Llama-3.2-1B-shaped folder in bfloat16 (all 16 layers, 2.3
 GiB, with a synthetic 128000-rank tokenizer.model), or from --init FOLDER (a real one), in a subprocess on CUDA
@@ -28,6 +29,7 @@ ids; (c)'s synthetic tokenizer splits the world's text into bytes (long prompts)
 """
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -39,6 +41,7 @@ import torch
 
 from lora import add_lora, lora_disabled
 from model import GPT, GPTConfig
+from train import precision
 
 LLAMA_32_1B = dict(vocab_size=128256, dim=2048, n_layer=16, n_head=32, n_kv_head=8, ffn_hidden=8192, norm_eps=1e-5,
                    max_seq_len=8192, rope_theta=500000.0, tie_embeddings=True,
@@ -56,6 +59,15 @@ def peak_rss_mb() -> float:
         line = next(line for line in status.read_text().splitlines() if line.startswith("VmHWM:"))
         return int(line.split()[1]) / 1024  # kB
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)
+
+
+def current_rss_mb() -> float:
+    """This process's resident memory now (VmRSS on Linux; the peak elsewhere)."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        line = next(line for line in status.read_text().splitlines() if line.startswith("VmRSS:"))
+        return int(line.split()[1]) / 1024  # kB
+    return peak_rss_mb()
 
 
 def random_model(config: GPTConfig, device, dtype) -> GPT:
@@ -106,6 +118,20 @@ def bench_load_memory(layers: int):
                   f"load {stats['load_s']:.1f} s  logits finite: {stats['finite']}")
 
 
+# dense bfloat16 tensor-core peaks, TFLOPS, by a piece of torch.cuda.get_device_name() (vendors' data sheets)
+BF16_PEAK_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "L40S": 362, "L4": 121, "A10": 125, "4090": 165,
+                    "3090": 71}
+
+
+def dpo_step_flops(config: GPTConfig, n_params: int, rows: int, length: int) -> float:
+    """The model FLOPs of one DPO step on `rows` sequences of `length` tokens, as MFU counts them: 6 N a token (the
+    policy's forward and backward, as if every weight trained) plus attention's two T x T products (4 T^2 d a
+    sequence and layer forward, 3 times that with the backward). The reference's forward (2 N a token) is work the
+    step also does and is not counted, so the MFU is a lower bound."""
+    attention_forward = 4 * config.n_layer * length**2 * config.dim * rows
+    return 6 * n_params * rows * length + 3 * attention_forward
+
+
 def bench_gpu(args, device="cuda"):
     if not torch.cuda.is_available():
         print("(b) --gpu: no CUDA device here; skipped")
@@ -154,6 +180,7 @@ def bench_gpu(args, device="cuda"):
                                 reference[args.prompts:], beta=0.1)
         losses.mean().backward()
         optimizer.step()
+        torch.clear_autocast_cache()  # the adapters moved: their cached bf16 casts are stale (see train.fit)
         optimizer.zero_grad(set_to_none=True)
 
     dpo_step()  # warm-up (also creates the optimizer state)
@@ -164,8 +191,24 @@ def bench_gpu(args, device="cuda"):
         dpo_step()
     torch.cuda.synchronize()
     step_s = (time.time() - start) / args.steps
+    flops = dpo_step_flops(model.config, model.num_params(), *tokens.shape)
+    peak = args.peak_tflops or next((tf for name, tf in BF16_PEAK_TFLOPS.items()
+                                     if name in torch.cuda.get_device_name()), None)
+    mfu = f"MFU {flops / step_s / (peak * 1e12):.1%} of {peak:.0f} TFLOPS" if peak else "MFU: pass --peak-tflops"
     print(f"  DPO step on {args.prompts} pairs of {tokens.shape[1]} tokens (reference forward, policy forward and "
-          f"backward, AdamW): {step_s * 1000:.0f} ms; peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+          f"backward, AdamW): {step_s * 1000:.0f} ms; {flops / 1e12:.2f} TFLOP, {mfu}; peak "
+          f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+
+
+def default_run(device="cuda"):
+    """The tiny default run of iterate.py end to end, on `device`: wall time and final win-rate."""
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.time()
+        subprocess.run([sys.executable, str(Path(__file__).parent / "iterate.py"), "--device", device, "--out", tmp],
+                       check=True, capture_output=True)
+        rows = [json.loads(line) for line in open(Path(tmp) / "metrics.jsonl")]
+    print(f"  the default run (python iterate.py --device {device}) end to end: {time.time() - start:.0f} s, final "
+          f"win-rate {rows[-1]['win_rate']:.3f} +- {rows[-1]['win_rate_se']:.3f}, KL {rows[-1]['kl']:.2f}")
 
 
 def write_llama_folder(folder: Path, config: GPTConfig):
@@ -184,12 +227,25 @@ def iteration_child(folder: str, out: str, flags: list[str]):
     """Runs in the subprocess: one online iteration of iterate.py; prints the peak memory as one JSON line."""
     import iterate
     cuda = torch.cuda.is_available()
-    baseline = torch.cuda.memory_allocated() / 2**20 if cuda else peak_rss_mb()
+    memory = (lambda: torch.cuda.memory_allocated() / 2**20) if cuda else current_rss_mb
+    baseline, models, weights, reward_models = memory(), [], [], []
+    make_policy, new_reward_model = iterate.make_policy, iterate.new_reward_model
+    iterate.new_reward_model = lambda *args: reward_models.append(new_reward_model(*args)) or reward_models[-1]
+
+    def measured_make_policy(pi0, settings):  # the moment pi0, the reward model and the policy all exist
+        made = make_policy(pi0, settings)
+        models.append(memory())
+        tensors = [t for m in (pi0, *made, *reward_models) for t in [*m.parameters(), *m.buffers()]]
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+        weights.append(sum(storages.values()) / 2**20)  # every distinct tensor storage of the three models
+        return made
+    iterate.make_policy = measured_make_policy
     start = time.time()
     rows = iterate.main(["--init", folder, "--out", out, "--overwrite", *flags])
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else peak_rss_mb()
-    print(json.dumps(dict(baseline_mb=baseline, peak_mb=peak, seconds=time.time() - start, device="cuda" if cuda
-                          else "cpu", win_rate=rows[-1]["win_rate"], kl=rows[-1]["kl"])))
+    print(json.dumps(dict(baseline_mb=baseline, models_mb=models[0], weights_mb=weights[0], peak_mb=peak,
+                          seconds=time.time() - start, device="cuda" if cuda else "cpu",
+                          win_rate=rows[-1]["win_rate"], kl=rows[-1]["kl"])))
 
 
 def bench_iteration(args):
@@ -202,14 +258,19 @@ def bench_iteration(args):
         if not args.init:
             write_llama_folder(folder, GPTConfig(**LLAMA_32_1B))
         size_mb = sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 2**20
+        # a fixed mmap threshold: glibc then returns freed large blocks at once, and the CPU's peak resident memory
+        # counts what was live, not what the allocator kept
         out = subprocess.run([sys.executable, __file__, "--iteration-child", str(folder), str(Path(tmp) / "run"),
-                              *flags], check=True, capture_output=True, text=True).stdout
+                              *flags], check=True, capture_output=True, text=True,
+                             env={**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**20)}).stdout
         stats = json.loads(out.strip().splitlines()[-1])
-    above = stats["peak_mb"] - stats["baseline_mb"]  # Llama 3.x folders, like the random one, are bfloat16
+    models, above = stats["models_mb"] - stats["baseline_mb"], stats["peak_mb"] - stats["baseline_mb"]
     print(f"(c) one online iteration of iterate.py, {' '.join(flags)}, on the {stats['device']}: checkpoint "
-          f"{size_mb:.0f} MiB; peak memory above baseline {above:.0f} MiB, {above / size_mb:.2f} x the "
-          f"checkpoint (target 1.5 plus activations and KV cache); {stats['seconds']:.0f} s; win-rate "
-          f"{stats['win_rate']:.3f}, KL {stats['kl']:.3f}")
+          f"{size_mb:.0f} MiB (Llama 3.x folders are bfloat16); the distinct tensors of pi0, the reward model and the "
+          f"policy {stats['weights_mb']:.0f} MiB, {stats['weights_mb'] / size_mb:.2f} x the checkpoint; memory above "
+          f"baseline once they exist (after the first reward model's fit) {models:.0f} MiB; peak "
+          f"{above:.0f} MiB, {(above - models):.0f} MiB more for activations, logits and KV cache; "
+          f"{stats['seconds']:.0f} s; final win-rate {stats['win_rate']:.3f}, KL {stats['kl']:.3f}")
 
 
 def main():
@@ -227,6 +288,7 @@ def main():
     group.add_argument("--new-tokens", type=int, default=128, help="tokens sampled per response")
     group.add_argument("--rank", type=int, default=16, help="LoRA rank")
     group.add_argument("--steps", type=int, default=3, help="timed DPO steps (after one warm-up)")
+    group.add_argument("--peak-tflops", type=float, help="the GPU's bf16 peak for the MFU (default: a table)")
     group = parser.add_argument_group("one online iteration (c)")
     group.add_argument("--iteration", action="store_true", help="run (c): iterate.py's loop, one iteration")
     group.add_argument("--init", help="a real Llama folder for (c) instead of a random Llama-3.2-1B-shaped one")
@@ -240,7 +302,10 @@ def main():
     if not args.skip_load:
         bench_load_memory(args.layers)
     if args.gpu:
-        bench_gpu(args)
+        with precision(torch.bfloat16, "cuda" if torch.cuda.is_available() else "cpu"):  # as iterate.py runs
+            bench_gpu(args)
+        if torch.cuda.is_available():
+            default_run()
     if args.iteration:
         bench_iteration(args)
 

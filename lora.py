@@ -113,12 +113,14 @@ def share_frozen(module: nn.Module) -> nn.Module:
 @torch.no_grad()
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold each adapter into its base, W + (alpha / r) B A, and put plain nn.Linear modules back (frozen, as
-    add_lora left them), so that save_pretrained writes ordinary Llama keys. Returns the model."""
+    add_lora left them), so that save_pretrained writes ordinary Llama keys. In place, one matrix at a time summed
+    in float32: no second copy of the weights (at 8B that copy would be 14 GB), but a model sharing the base (the
+    reward model under LoRA, the adapters-off reference) sees it merged too. Returns the model."""
     for name, m in list(model.named_modules()):
         if isinstance(m, LoRALinear):
-            merged = m.weight.float() + (m.lora_B.float() @ m.lora_A.float()) * m.scale  # sum in float32
+            m.weight.copy_(m.weight.float() + (m.lora_B.float() @ m.lora_A.float()) * m.scale)  # rounds once
             linear = nn.Linear(m.weight.shape[1], m.weight.shape[0], bias=False, device="meta")
-            linear.weight = nn.Parameter(merged.to(m.weight.dtype), requires_grad=False)
+            linear.weight = m.weight
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, linear)
     return model

@@ -215,6 +215,29 @@ def test_loop_from_a_bfloat16_checkpoint_on_the_cpu_with_one_frozen_base(extra, 
     assert saved.config.vocab_size == 512
 
 
+def test_random_and_offline_rules_reach_the_loop(tmp_path, monkeypatch):
+    # --pairs random pairs without ranking; --pairs offline buys every iteration's pairs from pi0's samples before
+    # any DPO step (the baseline), all with one sampler
+    import dpo
+    for rule in ("random", "offline"):
+        calls, order = {}, []
+        for module, name in ((iterate, "collect"), (iterate, "random_pairs"), (iterate, "best_worst_pairs"),
+                             (dpo, "train_dpo")):
+            spy_on(monkeypatch, module, name, calls)
+        monkeypatch.setattr(iterate, "collect", (lambda f: lambda *a, **k: order.append("collect") or f(*a, **k))(
+            iterate.collect))
+        monkeypatch.setattr(dpo, "train_dpo", (lambda f: lambda *a, **k: order.append("dpo") or f(*a, **k))(
+            dpo.train_dpo))
+        iterate.main(TINY + ["--pairs", rule, "--iterations", "2", "--overwrite", "--out", str(tmp_path)])
+        samplers = [args[1] for args, _ in calls["collect"]]
+        if rule == "random":
+            assert len(calls["random_pairs"]) == 2 and "best_worst_pairs" not in calls
+            assert order == ["collect", "dpo", "collect", "dpo"]
+        else:
+            assert order == ["collect", "collect", "dpo", "dpo"] and samplers[0] is samplers[1]
+        monkeypatch.undo()
+
+
 def test_reward_model_labels_drop_equal_scores():
     # with --labeler rm a pair the reward model scores equal carries no preference: dropped, never labelled
     pairs = [iterate.Candidate("x", [1], [2], "a", [3], "b", 0.5, 0.5, True, True),
