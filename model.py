@@ -315,7 +315,8 @@ class GPT(nn.Module):
         done = torch.zeros(B, dtype=torch.bool, device=device)
         new_tokens = torch.full((B, max_new_tokens), -1, dtype=torch.long, device=device)
         new_logps = torch.zeros(B, max_new_tokens, device=device) if return_logps else None
-        logits = self(tokens, mask[:, :longest], cache)[:, -1]                       # [B, V]
+        # the prompt's last position only: its every position over a 128256-id vocabulary would cost gigabytes
+        logits = self.output(self.hidden_states(tokens, mask[:, :longest], cache)[:, -1]).float()   # [B, V]
         for step in range(max_new_tokens):
             next_token = sample_token(logits, temperature, top_k, generator)           # [B]
             new_tokens[rows, step] = next_token
@@ -340,10 +341,18 @@ class GPT(nn.Module):
         return responses, [row_logps[:len(r)] for r, row_logps in zip(responses, new_logps.tolist())]
 
 
+KV_CACHE_BUDGET = 2**30  # bytes of one sampling chunk's KV cache
+
+
 def sample(model, prompts: list[list[int]], max_new_tokens: int, temperature: float, stop_ids, generator,
-           chunk: int = 1024) -> list[list[int]]:
+           chunk: int | None = None) -> list[list[int]]:
     """One response per prompt from `model.generate` (no top-k), `chunk` prompts at a time: the KV cache of a
-    chunk is what bounds memory, so many prompts never need one giant cache."""
+    chunk is what bounds memory, so many prompts never need one giant cache. By default a chunk is as many prompts
+    as a KV_CACHE_BUDGET cache holds, at most 1024 (the world's: always 1024; Llama 3.1 8B at 512 tokens: 16)."""
+    if chunk is None:
+        c, dtype_bytes = model.config, next(model.parameters()).element_size()
+        per_token = c.n_layer * 2 * c.n_kv_head * (c.dim // c.n_head) * dtype_bytes
+        chunk = max(1, min(1024, KV_CACHE_BUDGET // (per_token * (max(map(len, prompts), default=0) + max_new_tokens))))
     responses = []
     for start in range(0, len(prompts), chunk):
         responses += model.generate(prompts[start:start + chunk], max_new_tokens, temperature, stop_ids=stop_ids,

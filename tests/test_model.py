@@ -135,3 +135,18 @@ def test_rows_leaving_the_batch_keep_everything_exact(model):
     for row, reference in zip(batched, free):
         first_stop = next((i for i, t in enumerate(reference) if t in stop_ids), None)
         assert row == (reference if first_stop is None else reference[:first_stop + 1])
+
+
+def test_sample_chunks_prompts_so_that_a_chunks_kv_cache_fits_its_budget():
+    # Llama 3.1 8B's shape (on the meta device: shapes only) in bf16: 128 KiB of keys and values a token, so 512-token
+    # rows give 16 rows a chunk for a 1 GiB cache; the world's tiny model keeps chunks of 1024
+    from model import sample
+    with torch.device("meta"):
+        llama = GPT(GPTConfig(vocab_size=128256, dim=4096, n_layer=32, n_head=32, n_kv_head=8, ffn_hidden=14336,
+                              max_seq_len=8192)).to(torch.bfloat16)
+        tiny = GPT(GPTConfig.preset("tiny", vocab_size=600))
+    for model, length, expected in ((llama, 500, [16] * 6 + [4]), (tiny, 12, [1024, 76])):
+        sizes = []
+        model.generate = lambda prompts, *args, **kwargs: sizes.append(len(prompts)) or [[1]] * len(prompts)
+        assert len(sample(model, [[1] * length] * sum(expected), 12, 1.0, [], None)) == sum(expected)
+        assert sizes == expected
