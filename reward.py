@@ -80,7 +80,8 @@ class RewardModel(nn.Module):
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Rewards [B], float32."""
-        return self.head(self.features(tokens, mask)).squeeze(-1).float()
+        features = self.features(tokens, mask)  # a bf16 base's features meet the float32 head where no autocast runs
+        return self.head(features.to(self.head.weight.dtype)).squeeze(-1).float()
 
 
 def score(rm, prompts: list[list[int]], responses: list[list[int]], batch_size: int = 64,

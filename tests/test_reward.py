@@ -148,3 +148,18 @@ def test_on_a_lora_backbone_only_its_adapters_in_the_top_blocks_and_the_head_tra
         trains = {n for n, p in rm.named_parameters() if p.requires_grad}
         assert trains == {"head.weight", "head.bias"} | {n for n, _ in rm.named_parameters() if "lora_" in n and
                                                          n.split(".")[2] in blocks}
+
+
+def test_a_bfloat16_base_with_float32_adapters_and_head_scores_without_autocast():
+    # a device where bf16 autocast does not run (MPS on older PyTorch) still meets a bf16 base and float32 trainables
+    from lora import add_lora
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(vocab_size=32, dim=16, n_layer=2, n_head=2, n_kv_head=1, ffn_hidden=32, max_seq_len=16))
+    rm = RewardModel(add_lora(copy.deepcopy(gpt).to(torch.bfloat16), rank=2))
+    torch.nn.init.normal_(rm.head.weight)  # a trained head: the zero one would score 0 whatever the features
+    twin = RewardModel(add_lora(gpt, rank=2))
+    twin.load_state_dict({k: v.float() for k, v in rm.state_dict().items()})
+    tokens = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
+    scores, reference = rm(tokens), twin(tokens)
+    # bf16 features (8 bits) through a head of norm ~4, scores near +-3.3: measured 0.009 apart
+    assert scores.dtype == torch.float32 and reference.abs().min() > 0.1 and torch.allclose(scores, reference, atol=0.1)
