@@ -65,6 +65,11 @@ def test_ipo_loss_hand_case_and_empty_response():
     zero = torch.zeros(1)
     losses, _, _ = ipo_loss(zero, zero, zero, zero, torch.tensor([0]), torch.tensor([0]), beta=0.5)
     assert losses.item() == 1.0
+    # beta 0.1 (target margin 5, where 1/(2 beta) and 2 beta differ) and a one-token chosen response: chosen +2
+    # over 1 token, rejected -1 over 2: h = 2 + 0.5 = 2.5, loss (2.5 - 5)^2 = 6.25
+    losses, chosen_rewards, _ = ipo_loss(torch.tensor([-1.0]), torch.tensor([-4.0]), torch.tensor([-3.0]),
+                                         torch.tensor([-3.0]), torch.tensor([1]), torch.tensor([2]), beta=0.1)
+    assert losses.item() == pytest.approx(6.25) and chosen_rewards.item() == pytest.approx(0.2)
 
 
 def test_sequence_logps_equals_an_explicit_loop():

@@ -78,3 +78,57 @@ def test_rm_accuracy_measures_agreement_with_r_star_on_policy_against_pi0_pairs(
         row, _ = evaluate.evaluate(policy, model, None, held_out, oracle, tokenizer, 12,
                                    torch.Generator().manual_seed(1))
         assert row["rm_accuracy"] == expected
+
+
+def test_every_metric_of_a_row_against_an_independent_computation(small_world):
+    # the policy's samples are redrawn with the same generator and every number recomputed here by hand, each
+    # response judged as it ended (the 10-token cap cuts most of a random model's)
+    import math
+
+    import numpy as np
+    from model import sample
+    from oracle import malformed
+    tokenizer, world, pi0 = small_world
+    oracle = Oracle(temperature=0.7)
+    held_out = evaluate.make_held_out(pi0, world.eval_prompts[:16], tokenizer, oracle, "auto", 10,
+                                      torch.Generator().manual_seed(0))
+    # the held-out set: the prompts encoded the asked way, pi0's sample drawn at temperature 1 and judged as it ended
+    assert held_out.prompt_tokens == [tokenizer.encode_prompt(p, "auto") for p in world.eval_prompts[:16]]
+    assert held_out.pi0_responses == sample(pi0, held_out.prompt_tokens, 10, 1.0, tokenizer.stop_ids,
+                                            torch.Generator().manual_seed(0))
+    assert held_out.pi0_finished == [tokenizer.stopped(r) for r in held_out.pi0_responses]
+    assert held_out.pi0_rewards == [oracle.reward(p, t, f) for p, t, f in
+                                    zip(held_out.prompts, held_out.pi0_texts, held_out.pi0_finished)]
+    assert held_out.pi0_parts == [oracle.reward_parts(p, t, f) for p, t, f in
+                                  zip(held_out.prompts, held_out.pi0_texts, held_out.pi0_finished)]
+    torch.manual_seed(3)
+    policy, rm = GPT(pi0.config).eval(), reward.RewardModel(GPT(pi0.config))
+    torch.nn.init.normal_(rm.head.weight)
+    row, samples = evaluate.evaluate(policy, pi0, rm, held_out, oracle, tokenizer, 10,
+                                     torch.Generator().manual_seed(1))
+    responses = sample(policy, held_out.prompt_tokens, 10, 1.0, tokenizer.stop_ids, torch.Generator().manual_seed(1))
+    texts, finished = [tokenizer.decode_response(r) for r in responses], [tokenizer.stopped(r) for r in responses]
+    assert samples == list(zip(texts, finished)) and 0 < sum(finished) < 16
+    probs = [oracle.prob(p, t, u, f, g) for p, t, u, f, g in
+             zip(held_out.prompts, texts, held_out.pi0_texts, finished, held_out.pi0_finished)]
+    assert row["win_rate"] == pytest.approx(np.mean(probs), abs=1e-12)
+    assert row["win_rate_se"] == pytest.approx(np.std(probs, ddof=1) / math.sqrt(16), rel=0.05)
+    gold = [oracle.reward(p, t, f) for p, t, f in zip(held_out.prompts, texts, finished)]
+    wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(gold, held_out.pi0_rewards)]
+    assert row["hard_win_rate"] == pytest.approx(np.mean(wins), abs=1e-12)
+    kl = evaluate.kl_estimate(policy, pi0, held_out.prompt_tokens, responses)
+    assert row["kl"] == pytest.approx(kl.mean().item()) and row["kl_se"] == pytest.approx(kl.std().item() / 4)
+    assert row["reward"] == pytest.approx(np.mean(gold), abs=1e-12)
+    assert row["proxy_reward"] == pytest.approx(reward.score(rm, held_out.prompt_tokens, responses).mean().item())
+    assert row["length"] == np.mean([len(r) for r in responses]) and row["finished"] == np.mean(finished)
+    assert row["malformed"] == np.mean([malformed(t) for t in texts])
+    parts = [oracle.reward_parts(p, t, f) for p, t, f in zip(held_out.prompts, texts, finished)]
+    assert row["topic_share"] == np.mean([x["topic"] == 1.5 for x in parts])
+    proxy, proxy_pi0 = (reward.score(rm, held_out.prompt_tokens, r) for r in (responses, held_out.pi0_responses))
+    for key, truth, truth_pi0 in (("rm_accuracy", gold, held_out.pi0_rewards),
+                                  *((f"rm_accuracy_{k}", [x[k] for x in parts], [x[k] for x in held_out.pi0_parts])
+                                    for k in ("topic", "tone"))):
+        ordered = [(a - b) * (t - u) for a, b, t, u in zip(proxy.tolist(), proxy_pi0.tolist(), truth, truth_pi0)
+                   if t != u]
+        expected = np.mean([1.0 if o > 0 else 0.5 if o == 0 else 0.0 for o in ordered]) if ordered else None
+        assert row[key] == (pytest.approx(expected) if expected is not None else None), key

@@ -163,3 +163,47 @@ def test_a_bfloat16_base_with_float32_adapters_and_head_scores_without_autocast(
     scores, reference = rm(tokens), twin(tokens)
     # bf16 features (8 bits) through a head of norm ~4, scores near +-3.3: measured 0.009 apart
     assert scores.dtype == torch.float32 and reference.abs().min() > 0.1 and torch.allclose(scores, reference, atol=0.1)
+
+
+def test_fit_mle_keeps_the_best_epochs_weights_and_stops_when_the_held_out_loss_rises(monkeypatch):
+    # scripted: epoch e sets every head weight to e (in place, as an optimiser does) and the held-out losses of
+    # epochs 1, 2, 3 are 0.6, 0.5, 0.7: fit_mle runs 3 epochs, then restores epoch 2's weights exactly
+    import reward
+    seeds, losses = [], iter([0.6, 0.5, 0.7, 0.55])
+
+    def scripted_training(rm, train, steps, lr, batch_size, seed, device, warmup):
+        assert len(train) == 18
+        seeds.append(seed)
+        with torch.no_grad():
+            rm.head.weight.fill_(len(seeds))
+    monkeypatch.setattr(reward, "train_reward_model", scripted_training)
+    monkeypatch.setattr(reward, "bradley_terry_loss", lambda chosen, rejected: torch.tensor(next(losses)))
+    rm = toy_reward_model()
+    fit = reward.fit_mle(rm, toy_pairs(20, seed=1), lr=1e-3, batch_size=4, seed=4, max_epochs=5)
+    assert fit["epochs"] == 3 and fit["epoch_kept"] == 2 and seeds == [5, 6, 7]
+    assert torch.equal(rm.head.weight, torch.full_like(rm.head.weight, 2.0))
+    assert fit["held_out_loss"] == pytest.approx(0.55)  # measured again on the restored weights
+
+
+def test_fit_mle_is_seeded_and_refuses_fewer_than_two_pairs():
+    import reward
+    fits = []
+    for seed in (0, 0, 1):
+        rm = toy_reward_model()
+        fit = reward.fit_mle(rm, toy_pairs(30, seed=1), lr=1e-3, batch_size=8, seed=seed, max_epochs=2)
+        assert fit["epochs"] <= 2
+        fits.append((fit, rm.head.weight.clone()))
+    assert fits[0][0] == fits[1][0] and torch.equal(fits[0][1], fits[1][1])
+    assert not torch.equal(fits[0][1], fits[2][1])
+    with pytest.raises(ValueError, match="fit_mle: needs at least 2 labelled pairs .one is held out., got 1"):
+        reward.fit_mle(toy_reward_model(), toy_pairs(1, seed=1), lr=1e-3, batch_size=8)
+
+
+
+def test_embed_of_a_padded_batch_equals_each_row_alone():
+    # features read at each row's last real token: rows of different lengths in one batch give what they give alone
+    rm = toy_reward_model(random_head=True)
+    prompts, responses = [[7, 8], [9], [10, 11, 12]], [[5, 13, 14, 15], [6], [5, 16]]
+    batched = embed(rm, prompts, responses, batch_size=3)
+    alone = torch.cat([embed(rm, [p], [r], batch_size=1) for p, r in zip(prompts, responses)])
+    assert torch.allclose(batched, alone, atol=1e-5) and not torch.allclose(batched[0], batched[1])

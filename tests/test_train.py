@@ -102,3 +102,11 @@ def test_map_batches_caps_rows_times_length_and_gives_the_same_results():
     capped = map_batches(model, fn, prompts, responses, batch_size=8, max_tokens=25)
     assert torch.equal(whole, capped) and shapes[:2] == [(8, 11), (2, 11)]
     assert shapes[2:] == [(2, 11)] * 5  # 8 rows x 11 > 25, 4 x 11 > 25: 2 rows a batch
+
+
+def test_precision_autocasts_to_bfloat16_only_when_asked():
+    from train import precision
+    layer, x = torch.nn.Linear(4, 4), torch.randn(2, 4)
+    for dtype, expected in ((torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32)):
+        with precision(dtype, "cpu"):
+            assert torch.is_autocast_enabled("cpu") == (dtype == torch.bfloat16) and layer(x).dtype == expected
