@@ -108,6 +108,7 @@ def run_state(folder, argv) -> str:
     except (FileNotFoundError, json.JSONDecodeError):
         return "none"
     wanted = asdict(iterate.parse_args(argv))
+    config = {**asdict(iterate.Settings()), **config}  # a setting added since the run: its default, which it ran
     # where a run lives and how many CPU threads it used are not what it ran: a moved folder still counts, and so
     # does a run made with --jobs (threads change only the order of float sums; see README, Results)
     settings = lambda c: {k: v for k, v in c.items() if k not in ("out", "cache", "threads", "resume", "overwrite")}

@@ -47,3 +47,19 @@ def test_unknown_arm_is_refused(capsys):
     with pytest.raises(SystemExit):
         experiments.main(["--arms", "online-magic"])
     assert "unknown arm 'online-magic'" in capsys.readouterr().err
+
+
+def test_run_state_reads_a_setting_added_since_the_run_as_its_default(tmp_path):
+    import json
+    from dataclasses import asdict
+
+    import iterate
+    argv = ["--iterations", "2", "--seed", "3", "--out", str(tmp_path)]
+    config = asdict(iterate.parse_args(argv))
+    del config["oracle_temperature"]  # a run made before the flag existed ran at its default, 1.0
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "metrics.jsonl").write_text('{"iteration": 0}\n' * 3)
+    assert experiments.run_state(str(tmp_path), argv) == "finished"
+    assert experiments.run_state(str(tmp_path), argv + ["--oracle-temperature", "0.5"]) == "other settings"
+    (tmp_path / "metrics.jsonl").write_text('{"iteration": 0}\n' * 2)  # killed before its last iteration
+    assert experiments.run_state(str(tmp_path), argv) == "interrupted"
