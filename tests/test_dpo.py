@@ -251,3 +251,18 @@ def test_first_training_loss_equals_the_formula_on_independent_log_probs(loss, e
                         reference=reference)
     assert history[0]["loss"] == pytest.approx(expected, abs=1e-5)
     assert abs(expected - math.log(2)) > 1e-3 or loss == "ipo"  # the case is not the trivial h = 0 one
+
+
+def test_train_dpo_hands_its_schedule_to_fit_and_reports_ties_as_not_ordered(monkeypatch):
+    # the defaults reach the shared loop (warm-up 0, no weight decay, clipping at 1, seeded order), and at the first
+    # step the policy is its own reference: every implicit reward is 0, a tie, which accuracy counts as wrong
+    import dpo
+    seen = {}
+    original = dpo.fit
+    monkeypatch.setattr(dpo, "fit", lambda *args, **kwargs: seen.update(args=args[3:], kwargs=kwargs) or
+                        original(*args, **kwargs))
+    history = train_dpo(toy_model(), toy_pairs(4), beta=0.1, steps=1, lr=1e-3, batch_size=4)
+    assert seen["args"] == (1, 1e-3, 0, 0.0, 1.0) and seen["kwargs"] == {"desc": "dpo"}
+    assert history[0]["accuracy"] == 0.0 and history[0]["margin"] == 0.0
+    with pytest.raises(ValueError, match="label_smoothing applies to the DPO loss only, not to IPO"):
+        train_dpo(toy_model(), toy_pairs(4), steps=1, loss="ipo", label_smoothing=0.1)

@@ -207,3 +207,31 @@ def test_embed_of_a_padded_batch_equals_each_row_alone():
     batched = embed(rm, prompts, responses, batch_size=3)
     alone = torch.cat([embed(rm, [p], [r], batch_size=1) for p, r in zip(prompts, responses)])
     assert torch.allclose(batched, alone, atol=1e-5) and not torch.allclose(batched[0], batched[1])
+
+
+def test_train_reward_model_first_step_stats_read_each_row_at_its_last_real_token(monkeypatch):
+    # rows of different lengths in one batch, a random head: the first step's margin is the mean of
+    # score(chosen) - score(rejected) computed row by row; with the zero head every pair ties, which counts as wrong
+    import reward
+    pairs = [([7, 8], [5, 9, 10, 11], [6]), ([12], [5], [6, 13, 14]), ([15, 16, 17], [5, 18], [6, 19])]
+    rm = toy_reward_model(random_head=True)
+    prompts, chosen, rejected = zip(*pairs)
+    margin = torch.cat([score(rm, [p], [c]) - score(rm, [p], [r]) for p, c, r in pairs]).mean().item()
+    seen = {}
+    original = reward.fit
+    monkeypatch.setattr(reward, "fit", lambda *args, **kwargs: seen.update(args=args[3:], kwargs=kwargs) or
+                        original(*args, **kwargs))
+    history = train_reward_model(rm, pairs, steps=1, lr=0.0, batch_size=3)
+    assert history[0]["margin"] == pytest.approx(margin, abs=1e-5) and abs(margin) > 0.01
+    assert seen["args"] == (1, 0.0, 0, 0.0, 1.0) and seen["kwargs"] == {"desc": "reward"}  # the defaults reach fit
+    assert train_reward_model(toy_reward_model(), pairs, steps=1, lr=0.0, batch_size=3)[0]["accuracy"] == 0.0
+
+
+def test_features_of_a_one_token_row_and_a_row_with_none():
+    rm = toy_reward_model(random_head=True)
+    tokens = torch.tensor([[7, 0, 0], [7, 8, 9]])
+    mask = torch.tensor([[True, False, False], [True, True, True]])
+    alone = rm.features(tokens[:1, :1])
+    assert torch.allclose(rm.features(tokens, mask)[0], alone[0], atol=1e-6)  # read at column 0, not the padding
+    with pytest.raises(ValueError, match="RewardModel: a row has no real token"):
+        rm.features(tokens, torch.tensor([[False, False, False], [True, True, True]]))
