@@ -181,7 +181,6 @@ def bench_gpu(args, device="cuda"):
                                 reference[args.prompts:], beta=0.1)
         losses.mean().backward()
         optimizer.step()
-        torch.clear_autocast_cache()  # the adapters moved: their cached bf16 casts are stale (see train.fit)
         optimizer.zero_grad(set_to_none=True)
 
     dpo_step()  # warm-up (also creates the optimizer state)

@@ -33,9 +33,12 @@ def precision(dtype: torch.dtype, device):
     """A run's compute precision, entered once around all its work (iterate.run). Under bfloat16, autocast runs the
     matrix multiplies in bf16 while every weight that trains stays float32 (LoRA adapters, the reward head, a fully
     fine-tuned policy or reward model; `fit` refuses anything else) and frozen weights may be stored in bf16.
-    Under float32, nothing is cast."""
+    Under float32, nothing is cast. No cast cache: autocast's would live as long as the run and hand out the bf16
+    casts of weights that a step, or a load_state_dict such as fit_mle's return to its best epoch, changed since."""
     device = torch.device(device)
-    return torch.autocast(device.type, dtype=torch.bfloat16) if dtype == torch.bfloat16 else nullcontext()
+    if dtype != torch.bfloat16:
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)
 
 
 @torch.no_grad()
@@ -105,8 +108,6 @@ def fit(model, loss_fn, batches, steps: int, lr: float, warmup: int = 0, weight_
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, grad_clip)
         optimizer.step()
-        torch.clear_autocast_cache()  # under bf16 autocast (train.precision) the weights' bf16 casts are cached, and
-        # the cache lives as long as the run's autocast: after a step the cached casts are stale
         history.append({"loss": loss.item(), **stats})
         progress.set_postfix(loss=f"{history[-1]['loss']:.3f}", refresh=False)
     model.eval()

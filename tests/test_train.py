@@ -75,18 +75,22 @@ def test_fit_trains_float32_weights_only():
 
 
 def test_fit_under_bfloat16_autocast_computes_with_the_updated_weights():
-    # a run keeps one autocast open throughout (train.precision); autocast caches each weight's bf16 cast, so
-    # without clearing the cache after a step the next forward would use the weights of the first
+    # a run keeps one autocast open throughout (train.precision); were its cast cache on, the bf16 casts of the
+    # weights made before a step, or before an in-place load_state_dict (fit_mle's return to its best epoch),
+    # would be used after it
     from train import precision
     torch.manual_seed(0)
     model, x = torch.nn.Linear(4, 1), torch.randn(8, 4)
+    first = {k: v.clone() for k, v in model.state_dict().items()}
     with precision(torch.bfloat16, "cpu"):
         before = model(x)
         fit(model, lambda _: (model(x).float().pow(2).mean(), {}), iter(range(3)), steps=3, lr=0.1)
         after = model(x)
+        model.load_state_dict(first)  # in place, as fit_mle restores its best epoch
+        restored = model(x)
     with precision(torch.bfloat16, "cpu"):
         fresh = model(x)  # a new autocast: casts of the current weights
-    assert not torch.equal(after, before) and torch.equal(after, fresh)
+    assert not torch.equal(after, before) and torch.equal(restored, before) and torch.equal(restored, fresh)
 
 
 def test_map_batches_caps_rows_times_length_and_gives_the_same_results():
