@@ -21,9 +21,10 @@ import torch
 
 import reward
 import start
-from iterate import Settings, rm0_key
+from iterate import rm0_key
 from model import GPT, GPTConfig, sample
 from oracle import REWARD_MAX, Oracle, World, reward_parts
+from settings import Settings
 
 
 def training_speed(config, batch=16, length=128, steps=10):

@@ -5,8 +5,8 @@ import os
 import pytest
 
 import start
-from iterate import Settings
 from oracle import World
+from settings import Settings
 from tokenizer import LLAMA3_PATTERN, Tokenizer
 
 
