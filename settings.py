@@ -144,6 +144,9 @@ class Settings:
                              "weights")
 
 
+DESCRIPTION = ("Online iterative RLHF, end to end: SFT pi0, a Bradley-Terry reward model, then T iterations of the "
+               "main agent / enhancer loop, labelled by a synthetic oracle (see iterate.py).")
+
 # the first setting of each --help group
 GROUPS = {"out": "run", "init": "starting from a Llama 3.x checkpoint instead of SFT on the synthetic world",
           "preset": "world and pi0 (SFT)", "rm_labels": "reward model", "iterations": "online loop",
@@ -166,7 +169,7 @@ FREE_ON_RESUME = ("resume", "overwrite", "threads", "out")
 
 def make_parser(given_only: bool = False) -> Parser:
     """The command line, one flag per Settings field; given_only: flags not on the command line are left out."""
-    parser = Parser(prog="iterate.py", description=__doc__.split("\n\n")[0], allow_abbrev=False,
+    parser = Parser(prog="iterate.py", description=DESCRIPTION, allow_abbrev=False,
                     formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                     argument_default=argparse.SUPPRESS if given_only else None)
     for f in fields(Settings):
