@@ -1,0 +1,41 @@
+"""Tests of settings.py: the command line is made from Settings, and bad input is refused with one line naming the
+flag (--resume's settings: tests/test_rundir.py)."""
+import pytest
+
+import settings
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--pairs", "best-of"], "unknown rule 'best-of'"),
+    (["--labeler", "human"], "unknown labeler 'human'"),
+    (["--n", "1"], "--n must be at least 2"),
+    (["--pairs-per-prompt", "0"], "--pairs-per-prompt must be at least 1"),
+    (["--restart", "--lora", "4"], "--restart with --lora is not supported"),
+    (["--n", "3", "--pairs-per-prompt", "2"], "--pairs-per-prompt 2 needs --n of at least 4, got 3"),
+    (["--beta", "0"], "--beta must be a finite number > 0, got 0.0"),
+    (["--beta", "-1"], "--beta must be a finite number > 0, got -1.0"),
+    (["--dpo-lr", "nan"], "--dpo-lr must be a finite number > 0, got nan"),
+    (["--dpo-batch", "0"], "--dpo-batch must be at least 1, got 0"),
+    (["--rm-labels", "0"], "--rm-labels must be at least 1, got 0"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1, got 0"),
+    (["--label-smoothing", "2"], "--label-smoothing must be in [0, 0.5), got 2.0"),
+    (["--threads", "0"], "--threads >= 1"),
+])
+def test_bad_cli_input_is_refused(flags, message, capsys):
+    with pytest.raises(SystemExit):
+        settings.parse_args(flags)
+    assert message in capsys.readouterr().err
+
+
+def test_settings_are_the_cli_defaults_and_refuse_the_same_input():
+    # the CLI is made from the dataclass: no flag, no difference; a flag sets the field of the same name
+    assert settings.parse_args([]) == settings.Settings()
+    assert settings.parse_args(["--prompts-per-iter", "7", "--hybrid"]) == settings.Settings(prompts_per_iter=7,
+                                                                                          hybrid=True)
+    # tools that build Settings directly get the same checks as the command line, and cannot write into it
+    with pytest.raises(ValueError, match="--n must be at least 2"):
+        settings.Settings(n=1)
+    with pytest.raises(ValueError, match="--chat: 'sometimes' is not one of"):
+        settings.Settings(chat="sometimes")
+    with pytest.raises(AttributeError):
+        settings.Settings().n = 4
