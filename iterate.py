@@ -30,10 +30,8 @@ import copy
 import json
 import os
 import random
-import shutil
 import sys
 import time
-from dataclasses import asdict
 from types import SimpleNamespace
 from typing import NamedTuple
 
@@ -47,8 +45,8 @@ from evaluate import evaluate, make_held_out, write_evaluation
 from lora import AdaptersOff, add_lora, merge_lora, share_frozen
 from model import sample
 from oracle import Oracle
-from rundir import (InputError, Ledger, atomic_save, atomic_write_text, check_run_folder, set_stream_states,
-                    stream_states, trained_state)
+from rundir import (InputError, Ledger, atomic_save, atomic_write_text, check_run_folder, open_run_folder,
+                    set_stream_states, stream_states, trained_state)
 from settings import Settings, parse_args
 from start import (cached_path, compute_dtype, content_hash, load_cached, make_pi0, pi0_key, pick_device,
                    read_inputs, save_cached)
@@ -301,23 +299,6 @@ def dpo_stage(policy, pi0, new_pairs: list[Preference], all_pairs: list[Preferen
 
 # ---------------------------------------------------------------------------------------------------------------
 # the loop
-
-def open_run_folder(settings):
-    """Create the run and cache folders; a new run writes config.json and starts metrics.jsonl, samples.txt and
-    labels.jsonl afresh (--overwrite included); a resumed run keeps them."""
-    for folder in (settings.out, settings.cache or settings.out):
-        os.makedirs(folder, exist_ok=True)
-    if settings.resume:
-        return
-    for name in ("metrics.jsonl", "samples.txt", "labels.jsonl", "checkpoint.pt", "curves.png"):
-        if os.path.exists(os.path.join(settings.out, name)):
-            os.remove(os.path.join(settings.out, name))
-    shutil.rmtree(os.path.join(settings.out, "policy"), ignore_errors=True)  # --overwrite: nothing stale stays
-    atomic_write_text(os.path.join(settings.out, "config.json"),
-                      json.dumps({**asdict(settings), "resume": False, "overwrite": False}, indent=1))
-    for name in ("metrics.jsonl", "samples.txt"):
-        open(os.path.join(settings.out, name), "w").close()
-
 
 def random_streams(seed: int, device) -> SimpleNamespace:
     """One seeded random stream per use (evaluation, candidate sampling, labels, random pairs), so that a change

@@ -4,9 +4,9 @@ refusal to reuse a folder that holds a run (without --resume or --overwrite) or 
 
 What it owns: `InputError` (a bad input, found before any work: iterate.py prints it on one line and exits 2),
 `atomic_save` and `atomic_write_text` (write a temporary file, fsync, rename: a kill leaves the old file or the new
-one, never half of one), `check_run_folder`, what a checkpoint holds besides the data (`stream_states` and
-`set_stream_states` for every random stream, `trained_state` for the policy and the reward model), and `Ledger`,
-the file labels.jsonl.
+one, never half of one), `check_run_folder` and `open_run_folder`, what a checkpoint holds besides the data
+(`stream_states` and `set_stream_states` for every random stream, `trained_state` for the policy and the reward
+model), and `Ledger`, the file labels.jsonl.
 
 The ledger is the record of every preference label the run counts: one JSON line per oracle query, appended and
 fsynced the moment the label is given, before anything trains on it. A resumed run replays the same queries in
@@ -17,6 +17,8 @@ back, checked to be the same pair, and never asked again. The ledger is only eve
 """
 import json
 import os
+import shutil
+from dataclasses import asdict
 
 import torch
 
@@ -85,6 +87,23 @@ def check_run_folder(out: str, resume: bool, overwrite: bool):
         raise InputError(f"--resume: {out} holds no run to resume (no config.json)")
     if holds_run and not (resume or overwrite):
         raise InputError(f"--out {out}: holds a run; pass --resume to continue it or --overwrite to start again")
+
+
+def open_run_folder(settings):
+    """Create the run and cache folders; a new run writes config.json and starts metrics.jsonl, samples.txt and
+    labels.jsonl afresh (--overwrite included); a resumed run keeps them."""
+    for folder in (settings.out, settings.cache or settings.out):
+        os.makedirs(folder, exist_ok=True)
+    if settings.resume:
+        return
+    for name in ("metrics.jsonl", "samples.txt", "labels.jsonl", "checkpoint.pt", "curves.png"):
+        if os.path.exists(os.path.join(settings.out, name)):
+            os.remove(os.path.join(settings.out, name))
+    shutil.rmtree(os.path.join(settings.out, "policy"), ignore_errors=True)  # --overwrite: nothing stale stays
+    atomic_write_text(os.path.join(settings.out, "config.json"),
+                      json.dumps({**asdict(settings), "resume": False, "overwrite": False}, indent=1))
+    for name in ("metrics.jsonl", "samples.txt"):
+        open(os.path.join(settings.out, name), "w").close()
 
 
 def stream_states(rngs) -> dict:

@@ -54,9 +54,10 @@ def map_batches(model, fn, prompts: list[list[int]], responses: list[list[int]],
     out = []
     start = 0
     while start < len(prompts):
+        longest = lambda rows: max(len(p) + len(r) for p, r in zip(prompts[start:start + rows],
+                                                                   responses[start:start + rows]))
         rows = batch_size
-        while max_tokens and rows > 1 and rows * max(map(len, prompts[start:start + rows])) + rows * max(
-                map(len, responses[start:start + rows])) > max_tokens:
+        while max_tokens and rows > 1 and rows * longest(rows) > max_tokens:  # the padded batch is rows x longest
             rows //= 2
         out.append(fn(*collate(prompts[start:start + rows], responses[start:start + rows], device)).float().cpu())
         start += rows
