@@ -22,7 +22,7 @@ import torch
 import reward
 import start
 from iterate import rm0_key
-from model import GPT, GPTConfig, sample
+from model import GPT, GPTConfig, sample, sample_key
 from oracle import REWARD_MAX, Oracle, World, reward_parts
 from settings import Settings
 
@@ -66,8 +66,7 @@ def pi0_statistics(pi0, tokenizer, world, n_prompts=256, best_of=64, best_prompt
     oracle, cap = Oracle(), Settings().max_new_tokens
     prompts = world.eval_prompts[:n_prompts]
     prompt_tokens = [tokenizer.encode_prompt(p) for p in prompts]
-    generator = torch.Generator().manual_seed(0)
-    responses = sample(pi0, prompt_tokens, cap, 1.0, tokenizer.stop_ids, generator)
+    responses = sample(pi0, prompt_tokens, cap, 1.0, tokenizer.stop_ids, [sample_key(0, i) for i in range(n_prompts)])
     texts = [tokenizer.decode_response(r) for r in responses]
     rewards = np.array([oracle.reward(p, t, tokenizer.stopped(r)) for p, t, r in zip(prompts, texts, responses)])
     print(f"pi0 on {n_prompts} held-out prompts (temperature 1.0): gold reward mean {rewards.mean():+.2f}, "
@@ -76,8 +75,9 @@ def pi0_statistics(pi0, tokenizer, world, n_prompts=256, best_of=64, best_prompt
           f"{len(set(texts)) / len(texts):.2f}")
     clock = time.time()
     best = []
-    for prompt, tokens in zip(prompts[:best_prompts], prompt_tokens[:best_prompts]):
-        samples = sample(pi0, [tokens] * best_of, cap, 1.0, tokenizer.stop_ids, generator)
+    for i, (prompt, tokens) in enumerate(zip(prompts[:best_prompts], prompt_tokens[:best_prompts])):
+        samples = sample(pi0, [tokens] * best_of, cap, 1.0, tokenizer.stop_ids,
+                         [sample_key(1, i, j) for j in range(best_of)])
         best.append(max(oracle.reward(prompt, tokenizer.decode_response(s), tokenizer.stopped(s)) for s in samples))
     print(f"best of {best_of} samples per prompt ({best_prompts} prompts): mean {np.mean(best):+.2f}, "
           f"best {max(best):+.2f}, share reaching the maximum r* {REWARD_MAX} {np.mean(np.isclose(best, REWARD_MAX)):.2f} "
@@ -107,7 +107,8 @@ def diagnose_run(run, tokenizer, n_prompts=256):
     prompt_tokens = [tokenizer.encode_prompt(p) for p in prompts]
     samples = {}
     for name, model in (("pi0", pi0), ("policy", policy)):
-        responses = sample(model, prompt_tokens, cap, 1.0, tokenizer.stop_ids, torch.Generator().manual_seed(0))
+        responses = sample(model, prompt_tokens, cap, 1.0, tokenizer.stop_ids,
+                           [sample_key(0, i) for i in range(len(prompts))])
         samples[name] = responses
         texts = [tokenizer.decode_response(r) for r in responses]
         parts = [reward_parts(p, t, tokenizer.stopped(r)) for p, t, r in zip(prompts, texts, responses)]
@@ -119,7 +120,7 @@ def diagnose_run(run, tokenizer, n_prompts=256):
     saved = torch.load(rm0_path, weights_only=True)
     rm = reward.RewardModel(GPT(pi0.config))
     rm.load_state_dict(saved["model"])
-    second = sample(pi0, prompt_tokens, cap, 1.0, tokenizer.stop_ids, torch.Generator().manual_seed(1))
+    second = sample(pi0, prompt_tokens, cap, 1.0, tokenizer.stop_ids, [sample_key(2, i) for i in range(len(prompts))])
     keys = ("total", "topic", "tone")
     gold = np.array([[sum(parts.values()), parts["topic"], parts["tone"]]
                      for responses in (samples["pi0"], second) for parts in

@@ -250,7 +250,7 @@ def iteration_child(folder: str, out: str, flags: list[str]):
 
 def bench_iteration(args):
     flags = ["--lora", str(args.rank), "--dtype", "bfloat16", "--iterations", "1", "--rm-labels", "8",
-             "--rm-max-epochs", "1", "--prompts-per-iter", str(args.prompts), "--n", "2", "--pairs-per-prompt", "1",
+             "--rm-max-epochs", "1", "--prompts-per-iter", str(args.prompts), "--samples-per-prompt", "2", "--pairs-per-prompt", "1",
              "--eval-prompts", str(args.prompts), "--max-new-tokens", str(args.new_tokens), "--dpo-batch", "4",
              "--rm-batch", "4", "--show", "0"]
     with tempfile.TemporaryDirectory() as tmp:

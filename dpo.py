@@ -127,12 +127,12 @@ def train_dpo(policy, pairs, beta: float = 0.1, steps: int = 100, lr: float = 5e
                           ref_batch_size, device).to(device)
     reference_chosen, reference_rejected = both[:len(pairs)], both[len(pairs):]
 
-    def loss_fn(indices):
+    def loss_fn(indices, net):  # net: the policy, or its DDP wrapper under torchrun
         batch_prompts = [prompts[i] for i in indices]
         # chosen and rejected through the policy in one forward pass of 2B rows
         tokens, mask, response_mask = collate(batch_prompts + batch_prompts, [chosen[i] for i in indices]
                                               + [rejected[i] for i in indices], device)
-        logps = sequence_logps(policy(tokens, mask), tokens, response_mask)       # [2B]
+        logps = sequence_logps(net(tokens, mask), tokens, response_mask)          # [2B]
         B = len(indices)
         policy_chosen, policy_rejected = logps[:B], logps[B:]
         index = torch.tensor(indices, device=device)

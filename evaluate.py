@@ -40,10 +40,11 @@ class HeldOut:
     pi0_parts: list[dict]         # and its parts
 
 
-def make_held_out(pi0, prompts, tokenizer, oracle, chat, max_new_tokens, generator) -> HeldOut:
-    """Encode the held-out prompts and draw pi0's reference sample on each (temperature 1.0)."""
+def make_held_out(pi0, prompts, tokenizer, oracle, chat, max_new_tokens, keys: list[int]) -> HeldOut:
+    """Encode the held-out prompts and draw pi0's reference sample on each (temperature 1.0), prompt i's from
+    keys[i] (model.sample_key)."""
     prompt_tokens = [tokenizer.encode_prompt(p, chat) for p in prompts]
-    pi0_responses = sample(pi0, prompt_tokens, max_new_tokens, 1.0, tokenizer.stop_ids, generator)
+    pi0_responses = sample(pi0, prompt_tokens, max_new_tokens, 1.0, tokenizer.stop_ids, keys)
     pi0_texts = [tokenizer.decode_response(r) for r in pi0_responses]
     pi0_finished = [tokenizer.stopped(r) for r in pi0_responses]
     return HeldOut(prompts, prompt_tokens, pi0_responses, pi0_texts, pi0_finished,
@@ -59,11 +60,11 @@ def kl_estimate(policy, pi0, prompt_tokens, responses) -> torch.Tensor:
             - dpo.response_logps(pi0, prompt_tokens, responses))                    # [P]
 
 
-def evaluate(policy, pi0, rm, held_out: HeldOut, oracle, tokenizer, max_new_tokens, generator):
-    """One fresh sample of the policy per held-out prompt at temperature 1.0, against pi0's fixed sample.
-    Returns (the metrics of the row, the sampled (text, finished) pairs)."""
+def evaluate(policy, pi0, rm, held_out: HeldOut, oracle, tokenizer, max_new_tokens, keys: list[int]):
+    """One fresh sample of the policy per held-out prompt at temperature 1.0 (prompt i's from keys[i]), against
+    pi0's fixed sample. Returns (the metrics of the row, the sampled (text, finished) pairs)."""
     prompts, prompt_tokens = held_out.prompts, held_out.prompt_tokens
-    responses = sample(policy, prompt_tokens, max_new_tokens, 1.0, tokenizer.stop_ids, generator)
+    responses = sample(policy, prompt_tokens, max_new_tokens, 1.0, tokenizer.stop_ids, keys)
     texts, finished = [tokenizer.decode_response(r) for r in responses], [tokenizer.stopped(r) for r in responses]
     kl = kl_estimate(policy, pi0, prompt_tokens, responses)
     gold = np.array([oracle.reward(p, t, f) for p, t, f in zip(prompts, texts, finished)])

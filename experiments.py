@@ -38,8 +38,8 @@ ARMS = {
     "labeler-rm": ["--labeler", "rm"],
     "reference-previous": ["--reference", "previous"],
     "restart": ["--restart"],
-    "n2": ["--n", "2", "--pairs-per-prompt", "1"],
-    "n4": ["--n", "4"],
+    "n2": ["--samples-per-prompt", "2", "--pairs-per-prompt", "1"],
+    "n4": ["--samples-per-prompt", "4"],
     "rpo": ["--nll-weight", "5"],
 }
 SUMMARY_KEYS = ("win_rate", "kl", "reward", "proxy_reward", "length", "labels")

@@ -39,11 +39,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import distributed
 import dpo
 import reward
 from evaluate import evaluate, make_held_out, write_evaluation
 from lora import AdaptersOff, add_lora, merge_lora, share_frozen
-from model import sample
+from model import sample, sample_key
 from oracle import Oracle
 from rundir import (InputError, Ledger, atomic_save, atomic_write_text, check_run_folder, open_run_folder,
                     set_stream_states, stream_states, trained_state)
@@ -74,13 +75,14 @@ class Candidate(NamedTuple):
     enhancer_finished: bool
 
 
-def sample_candidates(policy, prompt_tokens, n: int, max_new_tokens: int, stop_ids, generator):
-    """n responses per prompt, half at temperature 1.0 and half at 0.7 (Algorithm 2): a list [P][n]."""
+def sample_candidates(policy, prompt_tokens, n: int, max_new_tokens: int, stop_ids, keys) -> list[list[list[int]]]:
+    """n responses per prompt, half at temperature 1.0 and half at 0.7 (Algorithm 2): a list [P][n]; keys(k) gives
+    the P keys of the k-th sample of every prompt."""
     candidates = [[] for _ in prompt_tokens]
     for k in tqdm(range(n), desc="sampling", leave=False):
         temperature = 1.0 if k < (n + 1) // 2 else 0.7
         for row, response in enumerate(sample(policy, prompt_tokens, max_new_tokens, temperature, stop_ids,
-                                              generator)):
+                                              keys(k))):
             candidates[row].append(response)
     return candidates
 
@@ -130,12 +132,14 @@ def feature_covariance(rm, pairs: list[Preference], lam: float):
     return lam * torch.eye(d.shape[1]) + d.T @ d                                  # [C, C]
 
 
-def collect(rule, sampler, rm, oracle, prompts, labelled, settings, tokenizer, generator, rng) -> list[Candidate]:
-    """Sample n responses per prompt from `sampler`, rank them with the reward model (or r*: --rank oracle), and
-    pair (main, enhancer) by the rule; `labelled` are the oracle-labelled pairs so far (Sigma's data)."""
+def collect(rule, sampler, rm, oracle, prompts, labelled, settings, tokenizer, t: int, rng) -> list[Candidate]:
+    """Sample n responses per prompt from `sampler` (iteration t's keys), rank them with the reward model (or r*:
+    --rank oracle), and pair (main, enhancer) by the rule; `labelled` are the oracle-labelled pairs so far (Sigma's
+    data)."""
     s = settings
     prompt_tokens = [tokenizer.encode_prompt(p, s.chat) for p in prompts]
-    candidates = sample_candidates(sampler, prompt_tokens, s.n, s.max_new_tokens, tokenizer.stop_ids, generator)
+    keys = lambda k: [sample_key(s.seed, CANDIDATES, t, i, k) for i in range(len(prompts))]
+    candidates = sample_candidates(sampler, prompt_tokens, s.n, s.max_new_tokens, tokenizer.stop_ids, keys)
     texts = [[tokenizer.decode_response(r) for r in row] for row in candidates]
     flat_prompts = [pt for pt, row in zip(prompt_tokens, candidates) for _ in row]
     features, scores = reward.embed_and_score(rm, flat_prompts, [r for row in candidates for r in row])
@@ -178,6 +182,15 @@ def label_pairs(candidates: list[Candidate], labeler: str, oracle, rng, ledger: 
             main_wins = c.main_score > c.enhancer_score
         labelled.append((c.prompt_tokens, c.main, c.enhancer) if main_wins else
                         (c.prompt_tokens, c.enhancer, c.main))
+    return labelled
+
+
+def label_on_main(candidates: list[Candidate], labeler: str, oracle, rng, ledger: Ledger | None,
+                  iteration: int) -> list[Preference]:
+    """label_pairs on rank 0, the one that holds the ledger; every rank gets its labelled pairs and its count of
+    queries (under torchrun; in one process, just label_pairs)."""
+    labelled = label_pairs(candidates, labeler, oracle, rng, ledger, iteration) if distributed.is_main() else None
+    labelled, oracle.queries = distributed.from_main((labelled, oracle.queries))
     return labelled
 
 
@@ -233,8 +246,8 @@ def make_reward_model(pi0, prompt_source, oracle, tokenizer, settings, device, c
     path = cached_path(cache_dir, "rm0", key)
     rm = new_reward_model(pi0, s, device)
     saved = load_cached(path, key, "first reward model")
-    if saved is not None and ledger is not None and len(saved["ledger"]) != saved["queries"]:
-        print(f"{path}: its labels are not in ledger form; rebuilding it")
+    if distributed.from_main(saved is not None and ledger is not None and len(saved["ledger"]) != saved["queries"]):
+        print(f"{path}: its labels are not in ledger form; rebuilding it")  # (rank 0 holds the ledger)
         saved = None
     if saved is not None:
         rm.load_state_dict(saved["model"], strict=not s.lora)
@@ -245,18 +258,18 @@ def make_reward_model(pi0, prompt_source, oracle, tokenizer, settings, device, c
     rng = random.Random(s.seed + 1)
     prompts = [rng.choice(prompt_source.train_prompts) for _ in range(s.rm_labels)]
     prompt_tokens = [tokenizer.encode_prompt(p, s.chat) for p in prompts]
-    generator = torch.Generator(device=device).manual_seed(s.seed + 1)
-    first, second = (sample(pi0, prompt_tokens, s.max_new_tokens, 1.0, tokenizer.stop_ids, generator)
-                     for _ in range(2))
+    first, second = (sample(pi0, prompt_tokens, s.max_new_tokens, 1.0, tokenizer.stop_ids,
+                            [sample_key(s.seed, FIRST_PAIRS, 0, i, k) for i in range(len(prompts))])
+                     for k in range(2))
     candidates = [Candidate(p, pt, a, tokenizer.decode_response(a), b, tokenizer.decode_response(b), 0.0, 0.0,
                             tokenizer.stopped(a), tokenizer.stopped(b))
                   for p, pt, a, b in zip(prompts, prompt_tokens, first, second) if a != b]
     first_line = ledger.used if ledger is not None else 0
-    labelled = label_pairs(candidates, "oracle", oracle, np.random.default_rng(s.seed + 1), ledger)
+    labelled = label_on_main(candidates, "oracle", oracle, np.random.default_rng(s.seed + 1), ledger, 0)
     fit = fit_reward_model(rm, labelled, s, device)
-    # one query per labelled pair (the caller's oracle may have answered others before)
-    save_cached(path, key, model=trained_state(rm, s), pairs=labelled, queries=len(labelled), fit=fit,
-                ledger=ledger.lines[first_line:ledger.used] if ledger is not None else [])
+    if distributed.is_main():  # one query per labelled pair (the caller's oracle may have answered others before)
+        save_cached(path, key, model=trained_state(rm, s), pairs=labelled, queries=len(labelled), fit=fit,
+                    ledger=ledger.lines[first_line:ledger.used] if ledger is not None else [])
     return rm.eval(), labelled, fit
 
 
@@ -300,12 +313,15 @@ def dpo_stage(policy, pi0, new_pairs: list[Preference], all_pairs: list[Preferen
 # ---------------------------------------------------------------------------------------------------------------
 # the loop
 
-def random_streams(seed: int, device) -> SimpleNamespace:
-    """One seeded random stream per use (evaluation, candidate sampling, labels, random pairs), so that a change
-    in one stage leaves the draws of the others as they were."""
-    return SimpleNamespace(eval=torch.Generator(device=device).manual_seed(seed + 3),
-                           sample=torch.Generator(device=device).manual_seed(seed + 4),
-                           label=np.random.default_rng(seed + 5), pair=random.Random(seed + 6))
+# what a sampled response is for: with the seed, the iteration, the prompt's index and the sample's, its key
+# (model.sample_key), from which its every draw derives: the same on any number of ranks and at any batch size
+FIRST_PAIRS, CANDIDATES, HELD_OUT, EVALUATION = range(1, 5)
+
+
+def random_streams(seed: int) -> SimpleNamespace:
+    """One seeded random stream per use (labels, random pairs), so that a change in one stage leaves the draws of
+    the other as they were (sampling draws from keys instead: see FIRST_PAIRS)."""
+    return SimpleNamespace(label=np.random.default_rng(seed + 5), pair=random.Random(seed + 6))
 
 
 def iteration_prompts(train_order: list[str], t: int, m: int) -> list[str]:
@@ -324,9 +340,12 @@ def timed(seconds: dict, key: str):
 def run(settings: Settings) -> list[dict]:
     """Algorithm 2 end to end, in the precision --dtype asks for (train.precision); returns the rows written to
     metrics.jsonl."""
-    device = pick_device(settings.device)
-    with precision(compute_dtype(settings.dtype, device), device):
-        return online_loop(settings, device)
+    device = distributed.setup(pick_device(settings.device))  # under torchrun: join the ranks (distributed.py)
+    try:
+        with precision(compute_dtype(settings.dtype, device), device):
+            return online_loop(settings, device)
+    finally:
+        distributed.teardown()
 
 
 def online_loop(settings: Settings, device) -> list[dict]:
@@ -339,10 +358,13 @@ def online_loop(settings: Settings, device) -> list[dict]:
     cache_dir = s.cache or s.out
     check_run_folder(s.out, s.resume, s.overwrite)
     world, tokenizer, prompt_source, pi0 = read_inputs(s, device)
-    open_run_folder(s)
-    print(f"device {device}; settings in {os.path.join(s.out, 'config.json')}")
+    main_rank = distributed.is_main()  # rank 0 alone labels, writes files and prints (always so in one process)
+    if main_rank:
+        open_run_folder(s)
+    distributed.barrier()
+    print(f"device {device} x {distributed.world_size()}; settings in {os.path.join(s.out, 'config.json')}")
     clock, oracle, metrics = time.time(), Oracle(s.oracle_temperature), []
-    ledger = Ledger(os.path.join(s.out, "labels.jsonl"))
+    ledger = Ledger(os.path.join(s.out, "labels.jsonl")) if main_rank else None
     checkpoint_path = os.path.join(s.out, "checkpoint.pt")
 
     pi0 = (pi0 if pi0 is not None else make_pi0(world, tokenizer, s, device, cache_dir)).requires_grad_(False)
@@ -351,23 +373,28 @@ def online_loop(settings: Settings, device) -> list[dict]:
                                                   ledger)
     rm_start = new_reward_model(pi0, s, device) if s.rm_refit_from == "pi0" else None  # each refit starts here
     policy, pi0 = make_policy(pi0, s)  # under LoRA, pi0 is the policy with its adapters switched off
+    eval_keys = lambda stream, t: [sample_key(s.seed, stream, t, i) for i in range(s.eval_prompts)]
     held_out = make_held_out(pi0, prompt_source.eval_prompts[:s.eval_prompts], tokenizer, oracle, s.chat,
-                             s.max_new_tokens, torch.Generator(device=device).manual_seed(s.seed + 2))
-    rngs = random_streams(s.seed, device)
+                             s.max_new_tokens, eval_keys(HELD_OUT, 0))
+    rngs = random_streams(s.seed)
     train_order = random.Random(s.seed + 7).sample(prompt_source.train_prompts, len(prompt_source.train_prompts))
 
     def collect_and_label(t, sampler, explored):  # explored: every labelled pair so far (Sigma's data)
         prompts = iteration_prompts(train_order, t, s.prompts_per_iter)
         rule = "best-worst" if s.pairs == "offline" else s.pairs
-        candidates = collect(rule, sampler, rm, oracle, prompts, explored, s, tokenizer, rngs.sample, rngs.pair)
-        return label_pairs(candidates, s.labeler, oracle, rngs.label, ledger, t + 1)
+        candidates = collect(rule, sampler, rm, oracle, prompts, explored, s, tokenizer, t, rngs.pair)
+        return label_on_main(candidates, s.labeler, oracle, rngs.label, ledger, t + 1)
 
     def record(iteration, policy, extra):
         eval_clock = time.time()
-        row, samples = evaluate(policy, pi0, rm, held_out, oracle, tokenizer, s.max_new_tokens, rngs.eval)
+        row, samples = evaluate(policy, pi0, rm, held_out, oracle, tokenizer, s.max_new_tokens,
+                                eval_keys(EVALUATION, iteration))
         row = {"iteration": iteration, "labels": oracle.queries, **row, **extra,
                "eval_s": round(time.time() - eval_clock, 1), "seconds": round(time.time() - clock, 1)}
-        write_evaluation(s.out, metrics, row, samples, held_out, oracle, s.show)
+        if main_rank:
+            write_evaluation(s.out, metrics, row, samples, held_out, oracle, s.show)
+        else:
+            metrics.append(row)
 
     pi0_pairs, explored, all_pairs, offline, first = list(oracle_pairs), list(oracle_pairs), [], None, 0
     saved = torch.load(checkpoint_path, weights_only=True) if s.resume and os.path.exists(checkpoint_path) else None
@@ -376,14 +403,17 @@ def online_loop(settings: Settings, device) -> list[dict]:
         policy.load_state_dict(saved["policy"], strict=not s.lora)
         rm.load_state_dict(saved["rm"], strict=not s.lora)
         set_stream_states(rngs, saved["streams"])
-        oracle.queries, ledger.used = saved["queries"], saved["ledger_used"]
+        oracle.queries = saved["queries"]
+        if main_rank:
+            ledger.used = saved["ledger_used"]
         oracle_pairs, explored, all_pairs, offline = (saved["data"][k] for k in ("oracle", "explored", "all",
                                                                                   "offline"))
         clock -= saved["seconds"]
         print(f"resuming {s.out} after iteration {first}")
-    atomic_write_text(os.path.join(s.out, "metrics.jsonl"), "".join(json.dumps(row) + "\n" for row in metrics))
-    with open(os.path.join(s.out, "samples.txt"), "r+b") as f:  # what the lost iteration wrote goes
-        f.truncate(saved["samples_bytes"] if saved is not None else 0)
+    if main_rank:
+        atomic_write_text(os.path.join(s.out, "metrics.jsonl"), "".join(json.dumps(row) + "\n" for row in metrics))
+        with open(os.path.join(s.out, "samples.txt"), "r+b") as f:  # what the lost iteration wrote goes
+            f.truncate(saved["samples_bytes"] if saved is not None else 0)
 
     if first == 0:
         record(0, pi0, rm0_fit)
@@ -407,16 +437,19 @@ def online_loop(settings: Settings, device) -> list[dict]:
         with timed(seconds, "dpo_s"):  # DPO: pi_t from pi_{t-1} (or from pi0 with --restart)
             policy, dpo_stats = dpo_stage(policy, pi0, new_pairs, all_pairs, s, device, t)
         record(t + 1, policy, {"pairs": len(new_pairs), **dpo_stats, **rm_fit, **seconds})
-        atomic_save({"iteration": t + 1, "policy": trained_state(policy, s), "rm": trained_state(rm, s),
-                     "streams": stream_states(rngs), "queries": oracle.queries, "ledger_used": ledger.used,
-                     "metrics": metrics,
-                     "data": {"oracle": oracle_pairs, "explored": explored, "all": all_pairs, "offline": offline},
-                     "samples_bytes": os.path.getsize(os.path.join(s.out, "samples.txt")),
-                     "seconds": round(time.time() - clock, 1)}, checkpoint_path)
+        if main_rank:
+            atomic_save({"iteration": t + 1, "policy": trained_state(policy, s), "rm": trained_state(rm, s),
+                             "streams": stream_states(rngs), "queries": oracle.queries, "ledger_used": ledger.used,
+                             "metrics": metrics,
+                             "data": {"oracle": oracle_pairs, "explored": explored, "all": all_pairs,
+                                      "offline": offline},
+                             "samples_bytes": os.path.getsize(os.path.join(s.out, "samples.txt")),
+                             "seconds": round(time.time() - clock, 1)}, checkpoint_path)
     if s.lora:
         merge_lora(policy)
     save_dtype = pi0_dtype if s.save_dtype == "auto" else getattr(torch, s.save_dtype)
-    policy.save_pretrained(os.path.join(s.out, "policy"), save_dtype)  # a Hugging Face folder from_pretrained reads
+    if main_rank:  # a Hugging Face folder that from_pretrained reads
+        policy.save_pretrained(os.path.join(s.out, "policy"), save_dtype)
     print(f"policy/ saved in {save_dtype} ({'pi0' if s.save_dtype == 'auto' else '--save-dtype'})")
     print(f"done in {time.time() - clock:.0f} s; wrote metrics.jsonl, labels.jsonl, samples.txt, curves.png, "
           f"policy/ in {s.out}")

@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from checkpoints import read_folder, write_hf_folder
+from distributed import gather, shard
 
 
 @dataclass
@@ -176,16 +177,50 @@ class Block(nn.Module):
         return x + self.feed_forward(self.ffn_norm(x))
 
 
-def sample_token(logits, temperature: float, top_k: int | None, generator) -> torch.Tensor:
-    """One token per row of logits [B, V]: greedy at temperature 0, else softmax(logits / T) over the top k."""
+# splitmix64 (Steele et al. 2014) in int64 tensors: torch's int64 arithmetic wraps like uint64, and a logical
+# right shift is an arithmetic one masked to the bits that stay
+GOLDEN, MIX1, MIX2 = 0x9E3779B97F4A7C15 - 2**64, 0xBF58476D1CE4E5B9 - 2**64, 0x94D049BB133111EB - 2**64
+
+
+def _shift(x: torch.Tensor, bits: int) -> torch.Tensor:
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _mix(z: torch.Tensor) -> torch.Tensor:
+    z = (z ^ _shift(z, 30)) * MIX1
+    z = (z ^ _shift(z, 27)) * MIX2
+    return z ^ _shift(z, 31)
+
+
+def sample_key(*parts: int) -> int:
+    """One int64 key from integers such as (seed, stream, iteration, prompt index, sample index): what a sampled
+    response's every draw derives from (see row_uniforms)."""
+    key = torch.zeros((), dtype=torch.long)
+    for part in parts:
+        key = _mix(key + GOLDEN + part)
+    return int(key)
+
+
+def row_uniforms(keys: torch.Tensor, step: int) -> torch.Tensor:
+    """One uniform draw in (0, 1) per row, float32 [B], from each row's int64 key [B] and the step: a counter-based
+    generator, so a row's draws depend on its key alone, never on the batch, the chunk or the rank it is in."""
+    bits = _shift(_mix(keys + torch.tensor(GOLDEN, device=keys.device) * (step + 1)), 40)  # top 24 bits, [B]
+    return (bits.float() + 0.5) / 2**24
+
+
+def sample_token(logits, temperature: float, top_k: int | None, keys: torch.Tensor, step: int) -> torch.Tensor:
+    """One token per row of logits [B, V]: greedy at temperature 0, else drawn from softmax(logits / T) over the
+    top k, by inverse transform: the first token whose cumulative probability reaches the row's uniform draw."""
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits / temperature
     if top_k is not None:
         kth_largest = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth_largest, float("-inf"))
-    probs = F.softmax(logits.float(), dim=-1)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    cumulative = F.softmax(logits.float(), dim=-1).cumsum(-1)                # [B, V]
+    target = row_uniforms(keys, step)[:, None] * cumulative[:, -1:]         # [B, 1]: scaled to the row's total
+    # a zero-probability token leaves the cumulative sum flat, so the first index reaching the target never is one
+    return torch.searchsorted(cumulative, target)[:, 0].clamp(max=logits.size(-1) - 1)
 
 
 class GPT(nn.Module):
@@ -286,12 +321,16 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, stop_ids=(), generator: torch.Generator | None = None,
-                 return_logps: bool = False):
+                 return_logps: bool = False, keys: list[int] | None = None):
         """Sample a response for each prompt with a KV cache; prompts may have different lengths.
 
         Returns one list of response tokens per prompt (the prompt excluded). A row that samples a stop id ends with
         it; a row without one was cut at max_new_tokens. temperature 0 is greedy. With return_logps, also returns
-        each token's log-prob under the model itself (temperature 1, no top-k): the numbers a KL estimate needs."""
+        each token's log-prob under the model itself (temperature 1, no top-k): the numbers a KL estimate needs.
+
+        Randomness: `keys` gives each row's int64 key (sample_key), from which all its draws derive, so a row's
+        response does not depend on the batch it is sampled in; without keys, each row's key is drawn from
+        `generator` (torch's global generator when None)."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         if not prompts or any(len(p) == 0 for p in prompts):
@@ -302,6 +341,12 @@ class GPT(nn.Module):
                              f"model's context of {self.config.max_seq_len} tokens")
         device = self.output.weight.device
         B = len(prompts)
+        if keys is not None and len(keys) != B:
+            raise ValueError(f"generate: {len(keys)} keys for {B} prompts")
+        if keys is None:
+            keys = torch.randint(-2**63, 2**63 - 1, (B,), generator=generator,
+                                 device=generator.device if generator is not None else "cpu").tolist()
+        keys = torch.tensor(keys, dtype=torch.long, device=device)
         # left-pad so that every row's next token is at the same column; padding lives only in `mask`
         tokens = torch.zeros(B, longest, dtype=torch.long, device=device)
         mask = torch.zeros(B, longest + max_new_tokens, dtype=torch.bool, device=device)
@@ -318,7 +363,7 @@ class GPT(nn.Module):
         # the prompt's last position only: its every position over a 128256-id vocabulary would cost gigabytes
         logits = self.output(self.hidden_states(tokens, mask[:, :longest], cache)[:, -1]).float()   # [B, V]
         for step in range(max_new_tokens):
-            next_token = sample_token(logits, temperature, top_k, generator)           # [B]
+            next_token = sample_token(logits, temperature, top_k, keys, step)          # [B]
             new_tokens[rows, step] = next_token
             if return_logps:  # a log-softmax over the vocabulary each step: only when asked (the draw ignores it)
                 new_logps[rows, step] = F.log_softmax(logits.float(), -1).gather(1, next_token[:, None])[:, 0]
@@ -327,7 +372,7 @@ class GPT(nn.Module):
                 break
             if done.float().mean() > 0.25:  # drop finished rows from the batch and the cache: they cost compute
                 keep = ~done
-                rows, next_token, mask, done = rows[keep], next_token[keep], mask[keep], done[keep]
+                rows, next_token, mask, done, keys = rows[keep], next_token[keep], mask[keep], done[keep], keys[keep]
                 cache.select(keep)
             logits = self(next_token[:, None], mask[:, :cache.length + 1], cache)[:, -1]
         responses = []
@@ -344,20 +389,25 @@ class GPT(nn.Module):
 KV_CACHE_BUDGET = 2**30  # bytes of one sampling chunk's KV cache
 
 
-def sample(model, prompts: list[list[int]], max_new_tokens: int, temperature: float, stop_ids, generator,
+def sample(model, prompts: list[list[int]], max_new_tokens: int, temperature: float, stop_ids, keys: list[int],
            chunk: int | None = None) -> list[list[int]]:
-    """One response per prompt from `model.generate` (no top-k), `chunk` prompts at a time: the KV cache of a
-    chunk is what bounds memory, so many prompts never need one giant cache. By default a chunk is as many prompts
-    as a KV_CACHE_BUDGET cache holds, at most 1024 (the world's: always 1024; Llama 3.1 8B at 512 tokens: 16)."""
+    """One response per prompt from `model.generate` (no top-k), each drawn from its own key (sample_key), `chunk`
+    prompts at a time: the KV cache of a chunk is what bounds memory, so many prompts never need one giant cache.
+    By default a chunk is as many prompts as a KV_CACHE_BUDGET cache holds, at most 1024 (the world's: always 1024;
+    Llama 3.1 8B at 512 tokens: 16). Neither the chunking nor the ranks change a response: each row's draws follow
+    its key."""
     if chunk is None:
         c, dtype_bytes = model.config, next(model.parameters()).element_size()
         per_token = c.n_layer * 2 * c.n_kv_head * (c.dim // c.n_head) * dtype_bytes
         chunk = max(1, min(1024, KV_CACHE_BUDGET // (per_token * (max(map(len, prompts), default=0) + max_new_tokens))))
+    n = len(prompts)
+    mine = shard(n)  # under torchrun, this rank's share of the prompts (distributed.py); all of them otherwise
+    prompts, keys = [prompts[i] for i in mine], [keys[i] for i in mine]
     responses = []
     for start in range(0, len(prompts), chunk):
         responses += model.generate(prompts[start:start + chunk], max_new_tokens, temperature, stop_ids=stop_ids,
-                                    generator=generator)
-    return responses
+                                    keys=keys[start:start + chunk])
+    return gather(n, responses)
 
 
 if __name__ == "__main__":

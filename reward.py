@@ -58,6 +58,8 @@ class RewardModel(nn.Module):
             kept = {id(param) for module in [*top, backbone.norm] for param in module.parameters()}
             for param in backbone.parameters():
                 param.requires_grad_(id(param) in trains and id(param) in kept)
+        if not backbone.config.tie_embeddings:  # the output matrix never meets a reward: nothing to train there
+            backbone.output.weight.requires_grad_(False)
         # a zero head starts every reward at exactly 0 (first loss log 2, all ties); the backbone gets gradient
         # from the second step on, once the head has moved
         nn.init.zeros_(self.head.weight)
@@ -112,12 +114,12 @@ def train_reward_model(rm, pairs, steps: int = 200, lr: float = 1e-4, batch_size
     chosen = [c for _, c, _ in pairs]
     rejected = [r for _, _, r in pairs]
 
-    def loss_fn(indices):
+    def loss_fn(indices, net):  # net: the reward model, or its DDP wrapper under torchrun
         batch_prompts = [prompts[i] for i in indices]
         # chosen and rejected in one forward pass of 2B rows
         tokens, mask, _ = collate(batch_prompts + batch_prompts, [chosen[i] for i in indices]
                                   + [rejected[i] for i in indices], device)
-        rewards = rm(tokens, mask)                                                  # [2B]
+        rewards = net(tokens, mask)                                                 # [2B]
         chosen_rewards, rejected_rewards = rewards[:len(indices)], rewards[len(indices):]
         stats = {"accuracy": (chosen_rewards > rejected_rewards).float().mean().item(),
                  "margin": (chosen_rewards - rejected_rewards).mean().item()}

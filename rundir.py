@@ -109,13 +109,11 @@ def open_run_folder(settings):
 def stream_states(rngs) -> dict:
     """The random streams' states (and torch's global one), in types torch.load(weights_only=True) reads back."""
     version, state, gauss = rngs.pair.getstate()
-    return {"eval": rngs.eval.get_state(), "sample": rngs.sample.get_state(), "torch": torch.get_rng_state(),
-            "label": json.dumps(rngs.label.bit_generator.state), "pair": [version, list(state), gauss]}
+    return {"torch": torch.get_rng_state(), "label": json.dumps(rngs.label.bit_generator.state),
+            "pair": [version, list(state), gauss]}
 
 
 def set_stream_states(rngs, states: dict):
-    rngs.eval.set_state(states["eval"])
-    rngs.sample.set_state(states["sample"])
     torch.set_rng_state(states["torch"])
     rngs.label.bit_generator.state = json.loads(states["label"])
     version, state, gauss = states["pair"]

@@ -79,7 +79,8 @@ class Settings:
     # online loop
     iterations: int = option(5, "T, the number of online iterations")
     prompts_per_iter: int = option(192, "m, prompts (so at most m pairs) per iteration")
-    n: int = option(8, "samples per prompt (half at temperature 1.0, half 0.7)")
+    n: int = option(8, "n, samples per prompt (half at temperature 1.0, half 0.7); --n is kept as an alias, which "
+                       "torchrun's own parser cannot pass on", flags=("--samples-per-prompt", "--n"))
     pairs: str = option("best-worst", f"exploration rule: {', '.join(PAIR_RULES)}")
     pairs_per_prompt: int = option(2, "k, labelled pairs per prompt, at most n/2 (best-worst: the i-th best against "
                                       "the i-th worst for i < k; random: k disjoint pairs; uncertainty: the best "
@@ -117,11 +118,11 @@ class Settings:
         if self.labeler not in LABELERS:
             raise ValueError(f"--labeler: unknown labeler {self.labeler!r}; choose one of {', '.join(LABELERS)}")
         if self.n < 2:
-            raise ValueError(f"--n must be at least 2 to form a pair, got {self.n}")
+            raise ValueError(f"--samples-per-prompt must be at least 2 to form a pair, got {self.n}")
         if self.pairs_per_prompt < 1:
             raise ValueError(f"--pairs-per-prompt must be at least 1, got {self.pairs_per_prompt}")
         if self.pairs_per_prompt > self.n // 2:  # each pair takes two samples of its own; never lowered silently
-            raise ValueError(f"--pairs-per-prompt {self.pairs_per_prompt} needs --n of at least "
+            raise ValueError(f"--pairs-per-prompt {self.pairs_per_prompt} needs --samples-per-prompt of at least "
                              f"{2 * self.pairs_per_prompt}, got {self.n}")
         for name in ("sft_examples", "sft_steps", "sft_batch", "max_new_tokens", "rm_labels", "rm_max_epochs",
                      "rm_batch", "iterations", "prompts_per_iter", "dpo_batch", "eval_prompts"):
@@ -154,7 +155,10 @@ GROUPS = {"out": "run", "init": "starting from a Llama 3.x checkpoint instead of
 
 
 def flag(name: str) -> str:
-    return name.replace("_", "-")
+    """The command-line name of a setting, without its dashes: the field's name with dashes, unless it says
+    otherwise (every flag must pass through torchrun's parser, which takes --n for an abbreviation of its own)."""
+    flags = next((f.metadata.get("flags") for f in fields(Settings) if f.name == name), None)
+    return flags[0][2:] if flags else name.replace("_", "-")
 
 
 class Parser(argparse.ArgumentParser):
@@ -175,11 +179,12 @@ def make_parser(given_only: bool = False) -> Parser:
     for f in fields(Settings):
         group = parser.add_argument_group(GROUPS[f.name]) if f.name in GROUPS else group
         kwargs = dict(f.metadata)
+        names = kwargs.pop("flags", (f"--{flag(f.name)}",))
         default = {} if given_only else {"default": f.default}
         if isinstance(f.default, bool):
-            group.add_argument(f"--{flag(f.name)}", action="store_true", **default, **kwargs)
+            group.add_argument(*names, dest=f.name, action="store_true", **default, **kwargs)
         else:
-            group.add_argument(f"--{flag(f.name)}", **default, **{"type": type(f.default), **kwargs})
+            group.add_argument(*names, dest=f.name, **default, **{"type": type(f.default), **kwargs})
     return parser
 
 

@@ -22,6 +22,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
+from distributed import is_main
 from model import GPT, GPTConfig
 from oracle import World
 from rundir import InputError, atomic_save
@@ -141,9 +142,9 @@ def sft_corpus_tokens(world, tokenizer, examples: int, max_new_tokens: int, chat
 def train_sft(model, corpus, steps: int, lr: float, batch_size: int, seed: int, device) -> float:
     """Fit `model` to the corpus in place; returns the last step's loss."""
     prompts, responses = zip(*corpus)
-    batches = (collate([prompts[i] for i in idx], [responses[i] for i in idx], device)
-               for idx in shuffled_batches(len(corpus), batch_size, seed))
-    history = fit(model, lambda batch: (sft_loss(model, *batch), {}), batches, steps, lr,
+    loss_fn = lambda indices, net: (sft_loss(net, *collate([prompts[i] for i in indices],
+                                                           [responses[i] for i in indices], device)), {})
+    history = fit(model, loss_fn, shuffled_batches(len(corpus), batch_size, seed), steps, lr,
                   warmup=steps // 20, weight_decay=0.1, desc="SFT pi0")
     return history[-1]["loss"]
 
@@ -171,7 +172,8 @@ def make_pi0(world, tokenizer, settings, device, cache_dir) -> GPT:
     clock = time.time()
     loss = train_sft(model, corpus, settings.sft_steps, settings.sft_lr, settings.sft_batch, settings.seed, device)
     print(f"SFT: {settings.sft_steps} steps in {time.time() - clock:.1f} s, final loss {loss:.3f}")
-    save_cached(path, key, config=asdict(model.config), model=model.state_dict())
+    if is_main():  # under torchrun every rank trained the same pi0 (data-parallel); rank 0 writes it
+        save_cached(path, key, config=asdict(model.config), model=model.state_dict())
     return model.eval()
 
 

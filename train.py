@@ -13,6 +13,8 @@ from contextlib import nullcontext
 import torch
 from tqdm import tqdm
 
+from distributed import data_parallel, gather_tensor, rank, shard, sum_over_ranks, world_size
+
 
 def collate(prompts: list[list[int]], responses: list[list[int]], device="cpu"):
     """Right-pad prompt + response rows into tokens [B, T], with two bool masks [B, T]:
@@ -47,8 +49,12 @@ def map_batches(model, fn, prompts: list[list[int]], responses: list[list[int]],
     """fn(tokens, mask, response_mask) on right-padded batches of prompt + response rows (see `collate`), in eval
     mode, without gradient, in the caller's `precision`: the results, float32 on the CPU, concatenated along dim 0.
     Scoring, features and log-probs all go through here. An empty input gives an empty tensor. max_tokens caps
-    rows x the longest row of a batch (halving its rows): long rows over a large vocabulary make large logits."""
+    rows x the longest row of a batch (halving its rows): long rows over a large vocabulary make large logits.
+    Under torchrun each rank computes its share of the rows and every rank gets all the results."""
     device = device if device is not None else next(model.parameters()).device
+    n = len(prompts)
+    mine = shard(n)  # under torchrun, this rank's share of the rows (distributed.py); all of them otherwise
+    prompts, responses = [prompts[i] for i in mine], [responses[i] for i in mine]
     was_training = model.training
     model.eval()
     out = []
@@ -62,7 +68,7 @@ def map_batches(model, fn, prompts: list[list[int]], responses: list[list[int]],
         out.append(fn(*collate(prompts[start:start + rows], responses[start:start + rows], device)).float().cpu())
         start += rows
     model.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0)
+    return gather_tensor(n, torch.cat(out) if out else torch.zeros(0))
 
 
 def shuffled_batches(n_examples: int, batch_size: int, seed: int):
@@ -88,28 +94,44 @@ def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
 
 def fit(model, loss_fn, batches, steps: int, lr: float, warmup: int = 0, weight_decay: float = 0.0,
         grad_clip: float = 1.0, desc: str = "train") -> list[dict]:
-    """Minimise loss_fn(batch) -> (loss, stats) over `steps` batches from the iterator `batches`.
-    Only parameters with requires_grad are trained (LoRA freezes the rest), and only in float32. Returns one stats
-    dict per step."""
+    """Minimise loss_fn(batch, net) -> (mean loss over the batch, stats) over `steps` batches from the iterator
+    `batches`; `net` is what loss_fn calls forward on (the model, or under torchrun its DDP wrapper). Only
+    parameters with requires_grad are trained (LoRA freezes the rest), and only in float32. Returns one stats dict
+    per step.
+
+    Under torchrun a batch is a list of example indices: each rank takes its share and weighs its mean loss by its
+    share of the rows, times the ranks (DDP averages the gradients over ranks), so the step equals the
+    one-process step on the whole batch; the logged loss and stats are those of the whole batch."""
     params = [p for p in model.parameters() if p.requires_grad]
     if any(p.dtype != torch.float32 for p in params):  # a bf16 weight at 1.0 cannot move by less than 2^-8
         raise ValueError(f"{desc}: trainable weights must be float32 (got {sorted({str(p.dtype) for p in params})}); "
                          "keep frozen weights in bfloat16 and train a float32 copy or adapters")
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
+    net, ranks = data_parallel(model), world_size()
     model.train()
     history = []
-    progress = tqdm(range(steps), desc=desc, leave=False, mininterval=1.0)
+    progress = tqdm(range(steps), desc=desc, leave=False, mininterval=1.0, disable=rank() != 0)
     for step in progress:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, steps, lr, warmup)
-        loss, stats = loss_fn(next(batches))
-        if not torch.isfinite(loss):  # stop before the step: the weights stay as they were, finite
-            raise FloatingPointError(f"{desc}: the loss is {loss.item()} at step {step + 1} of {steps}")
+        batch = next(batches)
+        if ranks == 1:
+            loss, stats = loss_fn(batch, net)
+            share = 1.0
+        else:  # this rank's rows; a rank left without one runs a row at weight 0, to join the gradient exchange
+            mine = batch[rank()::ranks]
+            share = len(mine) / len(batch)
+            loss, stats = loss_fn(mine or batch[:1], net)
+        # the whole batch's loss and stats: the sum over ranks of each one's weighted by its share of the rows
+        totals = sum_over_ranks(torch.tensor([loss.item(), *stats.values()], dtype=torch.float64) * share)
+        total_loss, stats = totals[0].item(), dict(zip(stats, totals[1:].tolist()))
+        if not math.isfinite(total_loss):  # stop before the step: the weights stay as they were, finite
+            raise FloatingPointError(f"{desc}: the loss is {total_loss} at step {step + 1} of {steps}")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * (share * ranks)).backward()
         torch.nn.utils.clip_grad_norm_(params, grad_clip)
         optimizer.step()
-        history.append({"loss": loss.item(), **stats})
-        progress.set_postfix(loss=f"{history[-1]['loss']:.3f}", refresh=False)
+        history.append({"loss": total_loss, **stats})
+        progress.set_postfix(loss=f"{total_loss:.3f}", refresh=False)
     model.eval()
     return history

@@ -4,8 +4,12 @@ import torch
 
 import evaluate
 import reward
-from model import GPT
+from model import GPT, sample_key
 from oracle import Oracle
+
+
+def keys(n, stream):
+    return [sample_key(stream, i) for i in range(n)]
 
 
 def test_kl_is_exactly_zero_when_policy_is_reference(small_world):
@@ -20,8 +24,7 @@ def test_evaluation_samples_fresh_at_temperature_one(small_world, monkeypatch):
     # training samples (drawn half at 0.7)
     tokenizer, world, model = small_world
     oracle = Oracle()
-    held_out = evaluate.make_held_out(model, world.eval_prompts[:8], tokenizer, oracle, "auto", 12,
-                                      torch.Generator().manual_seed(0))
+    held_out = evaluate.make_held_out(model, world.eval_prompts[:8], tokenizer, oracle, "auto", 12, keys(8, 0))
     policy = GPT(model.config)
     policy.load_state_dict(model.state_dict())
     calls, kl_inputs = [], []
@@ -37,7 +40,7 @@ def test_evaluation_samples_fresh_at_temperature_one(small_world, monkeypatch):
     monkeypatch.setattr(evaluate, "kl_estimate",
                         lambda p, r, pt, resp: kl_inputs.append(resp) or original_kl(p, r, pt, resp))
     rm = reward.RewardModel(GPT(model.config))
-    evaluate.evaluate(policy, model, rm, held_out, oracle, tokenizer, 12, torch.Generator().manual_seed(1))
+    evaluate.evaluate(policy, model, rm, held_out, oracle, tokenizer, 12, keys(8, 1))
     assert calls and all(t == 1.0 and k is None for t, k, _ in calls)
     assert kl_inputs == [[r for _, _, out in calls for r in out]]
 
@@ -67,21 +70,19 @@ def test_rm_accuracy_measures_agreement_with_r_star_on_policy_against_pi0_pairs(
     # scores with -r* orders every pair wrong: 0.0 (pairs r* ties are skipped)
     tokenizer, world, model = small_world
     oracle = Oracle()
-    held_out = evaluate.make_held_out(model, world.eval_prompts[:24], tokenizer, oracle, "auto", 12,
-                                      torch.Generator().manual_seed(0))
+    held_out = evaluate.make_held_out(model, world.eval_prompts[:24], tokenizer, oracle, "auto", 12, keys(24, 0))
     prompt_of = {tuple(t): p for p, t in zip(held_out.prompts, held_out.prompt_tokens)}
     for sign, expected in ((1.0, 1.0), (-1.0, 0.0)):
         monkeypatch.setattr(evaluate.reward, "score", lambda rm, prompt_tokens, responses, sign=sign: torch.tensor(
             [sign * oracle.reward(prompt_of[tuple(p)], tokenizer.decode_response(r), tokenizer.stopped(r))
              for p, r in zip(prompt_tokens, responses)]))
         policy = GPT(model.config).eval()
-        row, _ = evaluate.evaluate(policy, model, None, held_out, oracle, tokenizer, 12,
-                                   torch.Generator().manual_seed(1))
+        row, _ = evaluate.evaluate(policy, model, None, held_out, oracle, tokenizer, 12, keys(24, 1))
         assert row["rm_accuracy"] == expected
 
 
 def test_every_metric_of_a_row_against_an_independent_computation(small_world):
-    # the policy's samples are redrawn with the same generator and every number recomputed here by hand, each
+    # the policy's samples are redrawn with the same keys and every number recomputed here by hand, each
     # response judged as it ended (the 10-token cap cuts most of a random model's)
     import math
 
@@ -90,12 +91,10 @@ def test_every_metric_of_a_row_against_an_independent_computation(small_world):
     from oracle import malformed
     tokenizer, world, pi0 = small_world
     oracle = Oracle(temperature=0.7)
-    held_out = evaluate.make_held_out(pi0, world.eval_prompts[:16], tokenizer, oracle, "auto", 10,
-                                      torch.Generator().manual_seed(0))
+    held_out = evaluate.make_held_out(pi0, world.eval_prompts[:16], tokenizer, oracle, "auto", 10, keys(16, 0))
     # the held-out set: the prompts encoded the asked way, pi0's sample drawn at temperature 1 and judged as it ended
     assert held_out.prompt_tokens == [tokenizer.encode_prompt(p, "auto") for p in world.eval_prompts[:16]]
-    assert held_out.pi0_responses == sample(pi0, held_out.prompt_tokens, 10, 1.0, tokenizer.stop_ids,
-                                            torch.Generator().manual_seed(0))
+    assert held_out.pi0_responses == sample(pi0, held_out.prompt_tokens, 10, 1.0, tokenizer.stop_ids, keys(16, 0))
     assert held_out.pi0_finished == [tokenizer.stopped(r) for r in held_out.pi0_responses]
     assert held_out.pi0_rewards == [oracle.reward(p, t, f) for p, t, f in
                                     zip(held_out.prompts, held_out.pi0_texts, held_out.pi0_finished)]
@@ -104,9 +103,9 @@ def test_every_metric_of_a_row_against_an_independent_computation(small_world):
     torch.manual_seed(3)
     policy, rm = GPT(pi0.config).eval(), reward.RewardModel(GPT(pi0.config))
     torch.nn.init.normal_(rm.head.weight)
-    row, samples = evaluate.evaluate(policy, pi0, rm, held_out, oracle, tokenizer, 10,
-                                     torch.Generator().manual_seed(1))
-    responses = sample(policy, held_out.prompt_tokens, 10, 1.0, tokenizer.stop_ids, torch.Generator().manual_seed(1))
+    # (stream 2's keys: a random model stops within 10 tokens about once in 60 rows, and one of these 16 does)
+    row, samples = evaluate.evaluate(policy, pi0, rm, held_out, oracle, tokenizer, 10, keys(16, 2))
+    responses = sample(policy, held_out.prompt_tokens, 10, 1.0, tokenizer.stop_ids, keys(16, 2))
     texts, finished = [tokenizer.decode_response(r) for r in responses], [tokenizer.stopped(r) for r in responses]
     assert samples == list(zip(texts, finished)) and 0 < sum(finished) < 16
     probs = [oracle.prob(p, t, u, f, g) for p, t, u, f, g in

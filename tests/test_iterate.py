@@ -215,8 +215,7 @@ def test_rank_oracle_orders_pairs_by_r_star_and_counts_its_queries(small_world):
     settings = iterate.Settings(rank="oracle", n=4, max_new_tokens=12)
     prompts = world.train_prompts[:6]
     oracle, rm = Oracle(), __import__("reward").RewardModel(GPT(model.config))
-    pairs = iterate.collect("best-worst", model, rm, oracle, prompts, [], settings, tokenizer,
-                            torch.Generator().manual_seed(0), None)
+    pairs = iterate.collect("best-worst", model, rm, oracle, prompts, [], settings, tokenizer, 1, None)
     assert oracle.queries == 6 * 4
     # each side is judged as it ended: a response the 12-token cap cut off (all of a random model's) is unfinished
     assert all(c.main_finished == tokenizer.stopped(c.main) and c.enhancer_finished == tokenizer.stopped(c.enhancer)
@@ -286,9 +285,9 @@ def test_every_refit_is_the_fit_on_all_oracle_labels_so_far(tmp_path, monkeypatc
 
 def test_candidates_are_sampled_half_at_temperature_one_and_half_at_0_7(monkeypatch):
     temperatures = []
-    monkeypatch.setattr(iterate, "sample", lambda policy, prompts, cap, temperature, stop_ids, generator:
+    monkeypatch.setattr(iterate, "sample", lambda policy, prompts, cap, temperature, stop_ids, keys:
                         temperatures.append(temperature) or [[1]] * len(prompts))
-    iterate.sample_candidates(None, [[5], [6]], 6, 4, [1], None)
+    iterate.sample_candidates(None, [[5], [6]], 6, 4, [1], lambda k: [k, k])
     assert temperatures == [1.0, 1.0, 1.0, 0.7, 0.7, 0.7]
 
 

@@ -148,5 +148,5 @@ def test_sample_chunks_prompts_so_that_a_chunks_kv_cache_fits_its_budget():
     for model, length, expected in ((llama, 500, [16] * 6 + [4]), (tiny, 12, [1024, 76])):
         sizes = []
         model.generate = lambda prompts, *args, **kwargs: sizes.append(len(prompts)) or [[1]] * len(prompts)
-        assert len(sample(model, [[1] * length] * sum(expected), 12, 1.0, [], None)) == sum(expected)
+        assert len(sample(model, [[1] * length] * sum(expected), 12, 1.0, [], [0] * sum(expected))) == sum(expected)
         assert sizes == expected

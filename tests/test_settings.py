@@ -8,10 +8,10 @@ import settings
 @pytest.mark.parametrize("flags, message", [
     (["--pairs", "best-of"], "unknown rule 'best-of'"),
     (["--labeler", "human"], "unknown labeler 'human'"),
-    (["--n", "1"], "--n must be at least 2"),
+    (["--n", "1"], "--samples-per-prompt must be at least 2"),
     (["--pairs-per-prompt", "0"], "--pairs-per-prompt must be at least 1"),
     (["--restart", "--lora", "4"], "--restart with --lora is not supported"),
-    (["--n", "3", "--pairs-per-prompt", "2"], "--pairs-per-prompt 2 needs --n of at least 4, got 3"),
+    (["--n", "3", "--pairs-per-prompt", "2"], "--pairs-per-prompt 2 needs --samples-per-prompt of at least 4, got 3"),
     (["--beta", "0"], "--beta must be a finite number > 0, got 0.0"),
     (["--beta", "-1"], "--beta must be a finite number > 0, got -1.0"),
     (["--dpo-lr", "nan"], "--dpo-lr must be a finite number > 0, got nan"),
@@ -33,7 +33,7 @@ def test_settings_are_the_cli_defaults_and_refuse_the_same_input():
     assert settings.parse_args(["--prompts-per-iter", "7", "--hybrid"]) == settings.Settings(prompts_per_iter=7,
                                                                                           hybrid=True)
     # tools that build Settings directly get the same checks as the command line, and cannot write into it
-    with pytest.raises(ValueError, match="--n must be at least 2"):
+    with pytest.raises(ValueError, match="--samples-per-prompt must be at least 2"):
         settings.Settings(n=1)
     with pytest.raises(ValueError, match="--chat: 'sometimes' is not one of"):
         settings.Settings(chat="sometimes")

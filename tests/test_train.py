@@ -23,7 +23,7 @@ def test_fit_clips_the_gradient_norm_and_follows_the_schedule():
     model.w = w
     grads = []
 
-    def loss_fn(_):
+    def loss_fn(*_):
         return 1000 * w.sum(), {}
 
     original_step = torch.optim.AdamW.step
@@ -46,7 +46,7 @@ def test_a_nan_loss_stops_before_the_step_and_leaves_the_weights_finite():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     losses = iter([torch.tensor(1.0, requires_grad=True), torch.tensor(float("nan"), requires_grad=True)])
     with pytest.raises(FloatingPointError, match=r"toy: the loss is nan at step 2 of 3"):
-        fit(model, lambda _: (model.weight.sum() + next(losses), {}), iter(range(3)), steps=3, lr=0.1,
+        fit(model, lambda *_: (model.weight.sum() + next(losses), {}), iter(range(3)), steps=3, lr=0.1,
             desc="toy")
     assert all(torch.isfinite(v).all() for v in model.state_dict().values())
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())  # step 1 ran
@@ -71,7 +71,7 @@ def test_fit_trains_float32_weights_only():
     # a bf16 weight at 1.0 cannot move by less than 2^-8: AdamW's small steps would round away, so fit refuses
     model = torch.nn.Linear(2, 1).to(torch.bfloat16)
     with pytest.raises(ValueError, match=r"trainable weights must be float32 \(got \['torch.bfloat16'\]\)"):
-        fit(model, lambda _: (model.weight.float().sum(), {}), iter(range(1)), steps=1, lr=0.1)
+        fit(model, lambda *_: (model.weight.float().sum(), {}), iter(range(1)), steps=1, lr=0.1)
 
 
 def test_fit_under_bfloat16_autocast_computes_with_the_updated_weights():
@@ -84,7 +84,7 @@ def test_fit_under_bfloat16_autocast_computes_with_the_updated_weights():
     first = {k: v.clone() for k, v in model.state_dict().items()}
     with precision(torch.bfloat16, "cpu"):
         before = model(x)
-        fit(model, lambda _: (model(x).float().pow(2).mean(), {}), iter(range(3)), steps=3, lr=0.1)
+        fit(model, lambda *_: (model(x).float().pow(2).mean(), {}), iter(range(3)), steps=3, lr=0.1)
         after = model(x)
         model.load_state_dict(first)  # in place, as fit_mle restores its best epoch
         restored = model(x)
