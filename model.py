@@ -204,8 +204,8 @@ def sample_key(*parts: int) -> int:
 def row_uniforms(keys: torch.Tensor, step: int) -> torch.Tensor:
     """One uniform draw in (0, 1) per row, float32 [B], from each row's int64 key [B] and the step: a counter-based
     generator, so a row's draws depend on its key alone, never on the batch, the chunk or the rank it is in."""
-    bits = _shift(_mix(keys + torch.tensor(GOLDEN, device=keys.device) * (step + 1)), 40)  # top 24 bits, [B]
-    return (bits.float() + 0.5) / 2**24
+    bits = _shift(_mix(keys + torch.tensor(GOLDEN, device=keys.device) * (step + 1)), 41)  # top 23 bits, [B]
+    return (bits.float() + 0.5) / 2**23  # exact in float32: 24 significant bits
 
 
 def sample_token(logits, temperature: float, top_k: int | None, keys: torch.Tensor, step: int) -> torch.Tensor:

@@ -93,15 +93,16 @@ def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
 
 
 def fit(model, loss_fn, batches, steps: int, lr: float, warmup: int = 0, weight_decay: float = 0.0,
-        grad_clip: float = 1.0, desc: str = "train") -> list[dict]:
+        grad_clip: float = 1.0, desc: str = "train", size=len) -> list[dict]:
     """Minimise loss_fn(batch, net) -> (mean loss over the batch, stats) over `steps` batches from the iterator
     `batches`; `net` is what loss_fn calls forward on (the model, or under torchrun its DDP wrapper). Only
     parameters with requires_grad are trained (LoRA freezes the rest), and only in float32. Returns one stats dict
     per step.
 
     Under torchrun a batch is a list of example indices: each rank takes its share and weighs its mean loss by its
-    share of the rows, times the ranks (DDP averages the gradients over ranks), so the step equals the
-    one-process step on the whole batch; the logged loss and stats are those of the whole batch."""
+    share of what the loss averages over (size(indices): rows, unless the loss is a mean over tokens), times the
+    ranks (DDP averages the gradients over ranks), so the step equals the one-process step on the whole batch; the
+    logged loss and stats are those of the whole batch."""
     params = [p for p in model.parameters() if p.requires_grad]
     if any(p.dtype != torch.float32 for p in params):  # a bf16 weight at 1.0 cannot move by less than 2^-8
         raise ValueError(f"{desc}: trainable weights must be float32 (got {sorted({str(p.dtype) for p in params})}); "
@@ -120,9 +121,9 @@ def fit(model, loss_fn, batches, steps: int, lr: float, warmup: int = 0, weight_
             share = 1.0
         else:  # this rank's rows; a rank left without one runs a row at weight 0, to join the gradient exchange
             mine = batch[rank()::ranks]
-            share = len(mine) / len(batch)
+            share = size(mine) / size(batch)
             loss, stats = loss_fn(mine or batch[:1], net)
-        # the whole batch's loss and stats: the sum over ranks of each one's weighted by its share of the rows
+        # the whole batch's loss and stats: the sum over ranks of each one's weighted by its share
         totals = sum_over_ranks(torch.tensor([loss.item(), *stats.values()], dtype=torch.float64) * share)
         total_loss, stats = totals[0].item(), dict(zip(stats, totals[1:].tolist()))
         if not math.isfinite(total_loss):  # stop before the step: the weights stay as they were, finite

@@ -96,6 +96,57 @@ def test_sampling_is_seeded(model):
     assert sample(3) != sample(4)
 
 
+def test_sample_keys_are_splitmix64_computed_independently_in_python():
+    # the keys and draws against a plain-integer splitmix64 (Steele et al.): nothing relies on int64 wrapping
+    # being what the tensor code assumes without this check
+    from model import row_uniforms, sample_key
+    M = 2**64
+
+    def mix(z):
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9 % M
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EB % M
+        return z ^ (z >> 31)
+
+    def key(*parts):
+        k = 0
+        for part in parts:
+            k = mix((k + 0x9E3779B97F4A7C15 + part) % M)
+        return k - M if k >= 2**63 else k
+
+    parts = [(0,), (3, 1, 2, 7, 5), (-1, 2**40), (12345, 4, 0, 383)]
+    assert [sample_key(*p) for p in parts] == [key(*p) for p in parts]
+    keys = [key(*p) for p in parts]
+    for step in (0, 5):
+        expected = [((mix((k + (step + 1) * 0x9E3779B97F4A7C15) % M) >> 41) + 0.5) / 2**23 for k in keys]
+        assert row_uniforms(torch.tensor(keys), step).tolist() == expected
+
+
+def test_a_rows_response_follows_its_key_whatever_batch_or_chunk_it_is_in(model):
+    from model import sample, sample_key
+    prompts = PROMPTS * 3
+    keys = [sample_key(0, i) for i in range(len(prompts))]
+    together = model.generate(prompts, 12, keys=keys)
+    assert together == [model.generate([p], 12, keys=[k])[0] for p, k in zip(prompts, keys)]
+    assert together == sample(model, prompts, 12, 1.0, (), keys, chunk=2)
+    assert together[::-1] == model.generate(prompts[::-1], 12, keys=keys[::-1])
+    assert together[0] != together[3]  # same prompt, another key: another response
+
+
+def test_inverse_transform_draws_follow_the_softmax():
+    # 200,000 draws from a fixed 5-token distribution (one token at probability 0, never drawn): every frequency
+    # within 4 standard errors of its probability, at temperature 1 and 0.5
+    from model import sample_token
+    logits = torch.tensor([2.0, 0.0, float("-inf"), 1.0, -1.0])
+    keys = torch.arange(200_000)
+    for temperature in (1.0, 0.5):
+        probs = F.softmax(logits / temperature, -1)
+        tokens = sample_token(logits.expand(len(keys), -1), temperature, None, keys, step=0)
+        freq = torch.bincount(tokens, minlength=5).double() / len(tokens)
+        se = (probs * (1 - probs) / len(tokens)).sqrt()
+        assert freq[2] == 0
+        assert ((freq - probs).abs() <= 4 * se + 1e-12).all(), (freq, probs)
+
+
 def test_top_k_one_is_greedy(model):
     gen = torch.Generator().manual_seed(0)
     assert model.generate(PROMPTS, 8, temperature=1.0, top_k=1, generator=gen) == \

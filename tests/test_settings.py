@@ -39,3 +39,20 @@ def test_settings_are_the_cli_defaults_and_refuse_the_same_input():
         settings.Settings(chat="sometimes")
     with pytest.raises(AttributeError):
         settings.Settings().n = 4
+
+
+def test_every_flag_passes_through_torchruns_own_parser():
+    # torchrun parses the whole command line with abbreviations on: a flag of iterate.py that is a prefix of one of
+    # its own (--n: --nnodes, --nproc-per-node, ...) never reaches the script. Every flag but the kept alias does
+    from torch.distributed.run import get_args_parser
+    torchrun = get_args_parser()
+    names = [name for action in settings.make_parser()._actions for name in action.option_strings
+             if name not in ("-h", "--help", "--n")]
+    assert "--samples-per-prompt" in names and len(names) == len(settings.fields(settings.Settings))
+    for name in names:
+        assert torchrun.parse_args(["--nproc-per-node", "2", "iterate.py", name, "1"]).training_script_args == \
+            [name, "1"], name
+    with pytest.raises(SystemExit):  # the alias is for one process only
+        torchrun.parse_args(["--nproc-per-node", "2", "iterate.py", "--n", "4"])
+    assert settings.parse_args(["--samples-per-prompt", "4"]) == settings.parse_args(["--n", "4"]) == \
+        settings.Settings(n=4)
