@@ -44,7 +44,7 @@ import dpo
 import reward
 from evaluate import evaluate, make_held_out, write_evaluation
 from lora import AdaptersOff, add_lora, merge_lora, share_frozen
-from model import sample, sample_key
+from model import GPT, sample, sample_key
 from oracle import Oracle
 from rundir import (InputError, Ledger, atomic_save, atomic_write_text, check_run_folder, open_run_folder,
                     set_stream_states, stream_states, trained_state)
@@ -202,11 +202,30 @@ def trainable_copy(pi0):
     return copy.deepcopy(pi0).float().requires_grad_(True)
 
 
+def fsdp(settings) -> bool:
+    """Whether FSDP2 shards the weights across ranks: a Llama checkpoint under LoRA, under torchrun (the world's
+    small models train under DDP, each rank with every weight)."""
+    return bool(settings.init and settings.lora and distributed.world_size() > 1)
+
+
+def whole_policy(policy, settings):
+    """A sharded LoRA policy as one plain model on this rank: every rank must call distributed.full_state with it
+    (a collective)."""
+    state = distributed.full_state(policy.state_dict())
+    with torch.device("meta"):
+        whole = add_lora(GPT(policy.config), settings.lora)
+    whole.load_state_dict(state, assign=True)
+    return whole
+
+
 def make_policy(pi0, settings):
     """(the policy that trains, the DPO reference). Under LoRA: pi0 with float32 adapters, and the same model with
-    them switched off (one copy of the weights); otherwise a float32 copy of pi0, and pi0."""
+    them switched off (one copy of the weights, sharded across ranks under FSDP2); otherwise a float32 copy of pi0,
+    and pi0."""
     if settings.lora:
         policy = add_lora(pi0, settings.lora)
+        if fsdp(settings):
+            distributed.shard_weights(policy, policy.layers)
         return policy, AdaptersOff(policy)
     return trainable_copy(pi0), pi0
 
@@ -216,7 +235,10 @@ def new_reward_model(pi0, settings, device):
     frozen base itself with adapters of its own (no copy of the base); otherwise a float32 copy of pi0."""
     trainable = None if settings.rm_trainable_layers < 0 else settings.rm_trainable_layers
     backbone = add_lora(share_frozen(pi0), settings.lora) if settings.lora else trainable_copy(pi0)
-    return reward.RewardModel(backbone, trainable).to(device)
+    rm = reward.RewardModel(backbone, trainable).to(device)
+    if fsdp(settings):  # its own shards of the base: on W ranks, 2/W of it per rank with the policy's
+        distributed.shard_weights(rm, rm.backbone.layers)
+    return rm
 
 
 def fit_reward_model(rm, labelled: list[Preference], settings, device) -> dict:
@@ -250,7 +272,7 @@ def make_reward_model(pi0, prompt_source, oracle, tokenizer, settings, device, c
         print(f"{path}: its labels are not in ledger form; rebuilding it")  # (rank 0 holds the ledger)
         saved = None
     if saved is not None:
-        rm.load_state_dict(saved["model"], strict=not s.lora)
+        distributed.load_state(rm, saved["model"], strict=not s.lora)
         oracle.queries += saved["queries"]
         if ledger is not None:
             ledger.adopt(saved["ledger"])
@@ -267,8 +289,9 @@ def make_reward_model(pi0, prompt_source, oracle, tokenizer, settings, device, c
     first_line = ledger.used if ledger is not None else 0
     labelled = label_on_main(candidates, "oracle", oracle, np.random.default_rng(s.seed + 1), ledger, 0)
     fit = fit_reward_model(rm, labelled, s, device)
+    state = distributed.full_state(trained_state(rm, s))  # under FSDP2, gathered on every rank
     if distributed.is_main():  # one query per labelled pair (the caller's oracle may have answered others before)
-        save_cached(path, key, model=trained_state(rm, s), pairs=labelled, queries=len(labelled), fit=fit,
+        save_cached(path, key, model=state, pairs=labelled, queries=len(labelled), fit=fit,
                     ledger=ledger.lines[first_line:ledger.used] if ledger is not None else [])
     return rm.eval(), labelled, fit
 
@@ -359,6 +382,9 @@ def online_loop(settings: Settings, device) -> list[dict]:
     check_run_folder(s.out, s.resume, s.overwrite)
     world, tokenizer, prompt_source, pi0 = read_inputs(s, device)
     main_rank = distributed.is_main()  # rank 0 alone labels, writes files and prints (always so in one process)
+    if fsdp(s) and s.rm_refit_from == "pi0":
+        raise InputError("--rm-refit-from pi0 with --lora under torchrun is not supported: refits under FSDP2 "
+                         "continue the sharded reward model (--rm-refit-from previous)")
     if main_rank:
         open_run_folder(s)
     distributed.barrier()
@@ -400,8 +426,8 @@ def online_loop(settings: Settings, device) -> list[dict]:
     saved = torch.load(checkpoint_path, weights_only=True) if s.resume and os.path.exists(checkpoint_path) else None
     if saved is not None:  # --resume: back to the end of the last finished iteration, every stream included
         first, metrics[:] = saved["iteration"], saved["metrics"]
-        policy.load_state_dict(saved["policy"], strict=not s.lora)
-        rm.load_state_dict(saved["rm"], strict=not s.lora)
+        distributed.load_state(policy, saved["policy"], strict=not s.lora)
+        distributed.load_state(rm, saved["rm"], strict=not s.lora)
         set_stream_states(rngs, saved["streams"])
         oracle.queries = saved["queries"]
         if main_rank:
@@ -437,18 +463,21 @@ def online_loop(settings: Settings, device) -> list[dict]:
         with timed(seconds, "dpo_s"):  # DPO: pi_t from pi_{t-1} (or from pi0 with --restart)
             policy, dpo_stats = dpo_stage(policy, pi0, new_pairs, all_pairs, s, device, t)
         record(t + 1, policy, {"pairs": len(new_pairs), **dpo_stats, **rm_fit, **seconds})
+        states = [distributed.full_state(trained_state(model, s)) for model in (policy, rm)]  # every rank gathers
         if main_rank:
-            atomic_save({"iteration": t + 1, "policy": trained_state(policy, s), "rm": trained_state(rm, s),
+            atomic_save({"iteration": t + 1, "policy": states[0], "rm": states[1],
                              "streams": stream_states(rngs), "queries": oracle.queries, "ledger_used": ledger.used,
                              "metrics": metrics,
                              "data": {"oracle": oracle_pairs, "explored": explored, "all": all_pairs,
                                       "offline": offline},
                              "samples_bytes": os.path.getsize(os.path.join(s.out, "samples.txt")),
                              "seconds": round(time.time() - clock, 1)}, checkpoint_path)
-    if s.lora:
-        merge_lora(policy)
     save_dtype = pi0_dtype if s.save_dtype == "auto" else getattr(torch, s.save_dtype)
+    if fsdp(s):  # rank 0 puts the whole policy back together from every rank's shards
+        policy = whole_policy(policy, s) if main_rank else distributed.full_state(policy.state_dict())
     if main_rank:  # a Hugging Face folder that from_pretrained reads
+        if s.lora:
+            merge_lora(policy)
         policy.save_pretrained(os.path.join(s.out, "policy"), save_dtype)
     print(f"policy/ saved in {save_dtype} ({'pi0' if s.save_dtype == 'auto' else '--save-dtype'})")
     print(f"done in {time.time() - clock:.0f} s; wrote metrics.jsonl, labels.jsonl, samples.txt, curves.png, "

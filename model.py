@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from checkpoints import read_folder, write_hf_folder
-from distributed import gather, shard
+from distributed import full_weights, gather, shard
 
 
 @dataclass
@@ -404,9 +404,10 @@ def sample(model, prompts: list[list[int]], max_new_tokens: int, temperature: fl
     mine = shard(n)  # under torchrun, this rank's share of the prompts (distributed.py); all of them otherwise
     prompts, keys = [prompts[i] for i in mine], [keys[i] for i in mine]
     responses = []
-    for start in range(0, len(prompts), chunk):
-        responses += model.generate(prompts[start:start + chunk], max_new_tokens, temperature, stop_ids=stop_ids,
-                                    keys=keys[start:start + chunk])
+    with full_weights(model):  # FSDP2: the whole model on each rank while it samples (distributed.py)
+        for start in range(0, len(prompts), chunk):
+            responses += model.generate(prompts[start:start + chunk], max_new_tokens, temperature,
+                                        stop_ids=stop_ids, keys=keys[start:start + chunk])
     return gather(n, responses)
 
 

@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from distributed import full_weights
 from train import collate, fit, map_batches, shuffled_batches
 
 
@@ -102,7 +103,8 @@ def embed(rm, prompts: list[list[int]], responses: list[list[int]], batch_size: 
 def embed_and_score(rm, prompts: list[list[int]], responses: list[list[int]], batch_size: int = 64, device=None):
     """phi(x, a) [N, C] and r(x, a) = head(phi) [N] from one forward pass (the uncertainty rule needs both)."""
     features = embed(rm, prompts, responses, batch_size, device)                   # [N, C]
-    return features, rm.head(features.to(rm.head.weight.device)).squeeze(-1).float().cpu()
+    with full_weights(rm):  # under FSDP2 the head is sharded too (distributed.py)
+        return features, rm.head(features.to(rm.head.weight.device)).squeeze(-1).float().cpu()
 
 
 def train_reward_model(rm, pairs, steps: int = 200, lr: float = 1e-4, batch_size: int = 32, seed: int = 0,

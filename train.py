@@ -13,7 +13,7 @@ from contextlib import nullcontext
 import torch
 from tqdm import tqdm
 
-from distributed import data_parallel, gather_tensor, rank, shard, sum_over_ranks, world_size
+from distributed import data_parallel, full_weights, gather_tensor, rank, shard, sum_over_ranks, world_size
 
 
 def collate(prompts: list[list[int]], responses: list[list[int]], device="cpu"):
@@ -57,16 +57,16 @@ def map_batches(model, fn, prompts: list[list[int]], responses: list[list[int]],
     prompts, responses = [prompts[i] for i in mine], [responses[i] for i in mine]
     was_training = model.training
     model.eval()
-    out = []
-    start = 0
-    while start < len(prompts):
-        longest = lambda rows: max(len(p) + len(r) for p, r in zip(prompts[start:start + rows],
-                                                                   responses[start:start + rows]))
-        rows = batch_size
-        while max_tokens and rows > 1 and rows * longest(rows) > max_tokens:  # the padded batch is rows x longest
-            rows //= 2
-        out.append(fn(*collate(prompts[start:start + rows], responses[start:start + rows], device)).float().cpu())
-        start += rows
+    out, start = [], 0
+    with full_weights(model):  # FSDP2: the whole model on each rank while it scores (distributed.py)
+        while start < len(prompts):
+            longest = lambda rows: max(len(p) + len(r) for p, r in zip(prompts[start:start + rows],
+                                                                       responses[start:start + rows]))
+            rows = batch_size
+            while max_tokens and rows > 1 and rows * longest(rows) > max_tokens:  # the padded batch: rows x longest
+                rows //= 2
+            out.append(fn(*collate(prompts[start:start + rows], responses[start:start + rows], device)).float().cpu())
+            start += rows
     model.train(was_training)
     return gather_tensor(n, torch.cat(out) if out else torch.zeros(0))
 
