@@ -203,17 +203,23 @@ def trainable_copy(pi0):
 
 
 def fsdp(settings) -> bool:
-    """Whether FSDP2 shards the weights across ranks: a Llama checkpoint under LoRA, under torchrun (the world's
+    """Whether FSDP2 shards the weights that train across ranks: a Llama checkpoint under torchrun (the world's
     small models train under DDP, each rank with every weight)."""
-    return bool(settings.init and settings.lora and distributed.world_size() > 1)
+    return bool(settings.init and distributed.world_size() > 1)
+
+
+def trainable_policy(pi0, settings):
+    """A float32 copy of pi0 to fine-tune in full, sharded across ranks under FSDP2."""
+    policy = trainable_copy(pi0)
+    return distributed.shard_weights(policy, policy.layers) if fsdp(settings) else policy
 
 
 def whole_policy(policy, settings):
-    """A sharded LoRA policy as one plain model on this rank: every rank must call distributed.full_state with it
+    """A sharded policy as one plain model on this rank: every rank must call distributed.full_state with it
     (a collective)."""
     state = distributed.full_state(policy.state_dict())
     with torch.device("meta"):
-        whole = add_lora(GPT(policy.config), settings.lora)
+        whole = add_lora(GPT(policy.config), settings.lora) if settings.lora else GPT(policy.config)
     whole.load_state_dict(state, assign=True)
     return whole
 
@@ -227,7 +233,7 @@ def make_policy(pi0, settings):
         if fsdp(settings):
             distributed.shard_weights(policy, policy.layers)
         return policy, AdaptersOff(policy)
-    return trainable_copy(pi0), pi0
+    return trainable_policy(pi0, settings), pi0
 
 
 def new_reward_model(pi0, settings, device):
@@ -325,7 +331,7 @@ def dpo_stage(policy, pi0, new_pairs: list[Preference], all_pairs: list[Preferen
     or the previous iterate (--reference previous). Returns (pi_t, its statistics); with no pairs (all tied) there
     is nothing to learn from, and the stage is skipped with a logged line."""
     s = settings
-    previous, policy = policy, (trainable_copy(pi0) if s.restart else policy)
+    previous, policy = policy, (trainable_policy(pi0, s) if s.restart else policy)
     pairs = all_pairs if s.restart else new_pairs
     if not pairs:
         print(f"iteration {t + 1}: no pairs to train on (all tied); DPO skipped")
@@ -383,7 +389,7 @@ def online_loop(settings: Settings, device) -> list[dict]:
     world, tokenizer, prompt_source, pi0 = read_inputs(s, device)
     main_rank = distributed.is_main()  # rank 0 alone labels, writes files and prints (always so in one process)
     if fsdp(s) and s.rm_refit_from == "pi0":
-        raise InputError("--rm-refit-from pi0 with --lora under torchrun is not supported: refits under FSDP2 "
+        raise InputError("--rm-refit-from pi0 with --init under torchrun is not supported: refits under FSDP2 "
                          "continue the sharded reward model (--rm-refit-from previous)")
     if main_rank:
         open_run_folder(s)
@@ -489,14 +495,15 @@ def main(argv=None) -> list[dict]:
     """The command line: a bad input is one line on stderr and exit status 2, before any work; a loss that turns
     NaN stops the run, keeping the last finished iteration's checkpoint."""
     settings = parse_args(argv)
+    say = sys.stderr if os.environ.get("RANK", "0") == "0" else open(os.devnull, "w")  # under torchrun: rank 0
     try:
         return run(settings)
     except InputError as error:
-        print(f"iterate.py: error: {error}", file=sys.stderr)
+        print(f"iterate.py: error: {error}", file=say)
         raise SystemExit(2) from None
     except FloatingPointError as error:
         print(f"iterate.py: stopped: {error}; the last finished iteration's checkpoint is kept in "
-              f"{os.path.join(settings.out, 'checkpoint.pt')} (--resume continues from it)", file=sys.stderr)
+              f"{os.path.join(settings.out, 'checkpoint.pt')} (--resume continues from it)", file=say)
         raise SystemExit(1) from None
 
 

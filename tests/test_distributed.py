@@ -38,17 +38,17 @@ def step_gradients(trainer: str, batch_size: int) -> dict:
         from lora import AdaptersOff, add_lora
         policy = add_lora(policy, 4)
         torch.nn.init.normal_(policy.layers[0].attention.wq.lora_B, std=0.1)  # B = 0 would leave A no gradient
-        if distributed.world_size() > 1:
-            distributed.shard_weights(policy, policy.layers)
         reference = AdaptersOff(policy)
+    if trainer.endswith("fsdp") and distributed.world_size() > 1:
+        distributed.shard_weights(policy, policy.layers)
     generator = torch.Generator().manual_seed(1)
     rows = lambda low, high: torch.randint(3, 64, (int(torch.randint(low, high, (1,), generator=generator)),),
                                            generator=generator).tolist()
     pairs = [(rows(2, 6), rows(1, 9), rows(1, 9)) for _ in range(16)]
     caught, clip = {}, train.torch.nn.utils.clip_grad_norm_
 
-    def spy(params, max_norm):  # FSDP2's gradients are sharded: gathered whole (every rank is here)
-        caught.update(distributed.full_state({name: p.grad for name, p in policy.named_parameters()
+    def spy(params, max_norm):  # copies (the clip scales them in place); FSDP2's shards gathered whole
+        caught.update(distributed.full_state({name: p.grad.clone() for name, p in policy.named_parameters()
                                               if p.grad is not None}))
         return clip(params, max_norm)
 
@@ -73,7 +73,8 @@ def worker(trainer: str, batch_size: int, out: str):
     distributed.teardown()
 
 
-@pytest.mark.parametrize("trainer, batch_size", [("dpo", 7), ("dpo", 1), ("sft", 7), ("dpo-lora-fsdp", 7)])
+@pytest.mark.parametrize("trainer, batch_size", [("dpo", 7), ("dpo", 1), ("sft", 7), ("dpo-fsdp", 7),
+                                                 ("dpo-lora-fsdp", 7)])
 def test_one_step_on_two_ranks_has_the_one_process_gradient(trainer, batch_size, tmp_path):
     # 7 pairs: ranks of 4 and 3 rows, each weighed by its share (SFT: of the response tokens); 1 pair: rank 1 has
     # none and joins at weight 0; under FSDP2 each rank also holds half of every weight
