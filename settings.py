@@ -163,7 +163,8 @@ def flag(name: str) -> str:
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line on stderr and exit status 2: no usage block to read past
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank parses; rank 0 says it
+            print(f"{self.prog}: error: {message}", file=sys.stderr)
         raise SystemExit(2)
 
 
