@@ -107,11 +107,13 @@ def from_main(obj):
 
 
 def sum_over_ranks(values: torch.Tensor) -> torch.Tensor:
-    """The elementwise sum of `values` (float, on this rank's device) over all ranks."""
-    if world_size() > 1:
-        values = values.clone()
-        dist.all_reduce(values)
-    return values
+    """The elementwise sum of `values` over all ranks, on the CPU (NCCL reduces on the GPU, gloo on the CPU)."""
+    if world_size() == 1:
+        return values
+    on_gpu = dist.get_backend() == "nccl"
+    values = values.to(torch.device("cuda", torch.cuda.current_device()) if on_gpu else "cpu", copy=True)
+    dist.all_reduce(values)
+    return values.cpu()
 
 
 def barrier():
