@@ -50,11 +50,14 @@ def map_batches(model, fn, prompts: list[list[int]], responses: list[list[int]],
     mode, without gradient, in the caller's `precision`: the results, float32 on the CPU, concatenated along dim 0.
     Scoring, features and log-probs all go through here. An empty input gives an empty tensor. max_tokens caps
     rows x the longest row of a batch (halving its rows): long rows over a large vocabulary make large logits.
-    Under torchrun each rank computes its share of the rows and every rank gets all the results."""
+    Rows are batched longest first, so little of a batch is padding. Under torchrun each rank computes its share of
+    the rows and every rank gets all the results."""
     device = device if device is not None else next(model.parameters()).device
     n = len(prompts)
     mine = shard(n)  # under torchrun, this rank's share of the rows (distributed.py); all of them otherwise
-    prompts, responses = [prompts[i] for i in mine], [responses[i] for i in mine]
+    # longest first, so that a batch pads to rows of about its own length (results go back in their order below)
+    order = sorted(mine, key=lambda i: -(len(prompts[i]) + len(responses[i])))
+    prompts, responses = [prompts[i] for i in order], [responses[i] for i in order]
     was_training = model.training
     model.eval()
     out, start = [], 0
@@ -68,11 +71,20 @@ def map_batches(model, fn, prompts: list[list[int]], responses: list[list[int]],
             out.append(fn(*collate(prompts[start:start + rows], responses[start:start + rows], device)).float().cpu())
             start += rows
     model.train(was_training)
-    return gather_tensor(n, torch.cat(out) if out else torch.zeros(0))
+    results = torch.cat(out) if out else torch.zeros(0)
+    position = {i: k for k, i in enumerate(order)}
+    return gather_tensor(n, results[[position[i] for i in mine]] if out else results)
 
 
-def shuffled_batches(n_examples: int, batch_size: int, seed: int):
-    """Endless minibatches of example indices, reshuffled every epoch from a seeded generator."""
+# batches grouped by length draw from this many batches' worth of shuffled examples at a time
+LENGTH_GROUP = 16
+
+
+def shuffled_batches(n_examples: int, batch_size: int, seed: int, lengths: list[int] | None = None):
+    """Endless minibatches of example indices, reshuffled every epoch from a seeded generator; every example once
+    an epoch. With `lengths` (each example's padded row length), each run of LENGTH_GROUP batches of the shuffle is
+    sorted by length before it is cut into batches, and the epoch's batches are shuffled again: a batch then holds
+    examples of about one length, so its padding (a quarter of the world's rows otherwise) is hardly computed."""
     if n_examples < 1 or batch_size < 1:  # else the loop below would never yield
         raise ValueError(f"shuffled_batches: need at least one example and a batch size >= 1, got {n_examples} "
                          f"and {batch_size}")
@@ -80,8 +92,14 @@ def shuffled_batches(n_examples: int, batch_size: int, seed: int):
     while True:
         order = list(range(n_examples))
         rng.shuffle(order)
-        for start in range(0, n_examples, batch_size):
-            yield order[start:start + batch_size]
+        if lengths is not None:
+            group = LENGTH_GROUP * batch_size
+            order = [i for start in range(0, n_examples, group)
+                     for i in sorted(order[start:start + group], key=lambda i: lengths[i])]
+        batches = [order[start:start + batch_size] for start in range(0, n_examples, batch_size)]
+        if lengths is not None:
+            rng.shuffle(batches)
+        yield from batches
 
 
 def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
