@@ -156,8 +156,7 @@ def train_dpo(policy, pairs, beta: float = 0.1, steps: int = 100, lr: float = 5e
         }
         return loss_value, stats
 
-    lengths = [len(p) + max(len(c), len(r)) for p, c, r in pairs]  # a pair's rows pad to its longer side
-    batches = shuffled_batches(len(pairs), batch_size, seed, lengths)
+    batches = shuffled_batches(len(pairs), batch_size, seed)
     return fit(policy, loss_fn, batches, steps, lr, warmup, weight_decay, grad_clip, desc=loss)
 
 

@@ -127,8 +127,7 @@ def train_reward_model(rm, pairs, steps: int = 200, lr: float = 1e-4, batch_size
                  "margin": (chosen_rewards - rejected_rewards).mean().item()}
         return bradley_terry_loss(chosen_rewards, rejected_rewards), stats
 
-    lengths = [len(p) + max(len(c), len(r)) for p, c, r in pairs]  # a pair's rows pad to its longer side
-    batches = shuffled_batches(len(pairs), batch_size, seed, lengths)
+    batches = shuffled_batches(len(pairs), batch_size, seed)
     return fit(rm, loss_fn, batches, steps, lr, warmup, weight_decay, grad_clip, desc="reward")
 
 

@@ -144,8 +144,7 @@ def train_sft(model, corpus, steps: int, lr: float, batch_size: int, seed: int, 
     prompts, responses = zip(*corpus)
     loss_fn = lambda indices, net: (sft_loss(net, *collate([prompts[i] for i in indices],
                                                            [responses[i] for i in indices], device)), {})
-    lengths = [len(p) + len(r) for p, r in corpus]
-    history = fit(model, loss_fn, shuffled_batches(len(corpus), batch_size, seed, lengths), steps, lr,
+    history = fit(model, loss_fn, shuffled_batches(len(corpus), batch_size, seed), steps, lr,
                   warmup=steps // 20, weight_decay=0.1, desc="SFT pi0",
                   size=lambda indices: sum(len(responses[i]) for i in indices))  # a mean over response tokens
     return history[-1]["loss"]

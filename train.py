@@ -76,15 +76,10 @@ def map_batches(model, fn, prompts: list[list[int]], responses: list[list[int]],
     return gather_tensor(n, results[[position[i] for i in mine]] if out else results)
 
 
-# batches grouped by length draw from this many batches' worth of shuffled examples at a time
-LENGTH_GROUP = 16
-
-
-def shuffled_batches(n_examples: int, batch_size: int, seed: int, lengths: list[int] | None = None):
-    """Endless minibatches of example indices, reshuffled every epoch from a seeded generator; every example once
-    an epoch. With `lengths` (each example's padded row length), each run of LENGTH_GROUP batches of the shuffle is
-    sorted by length before it is cut into batches, and the epoch's batches are shuffled again: a batch then holds
-    examples of about one length, so its padding (a quarter of the world's rows otherwise) is hardly computed."""
+def shuffled_batches(n_examples: int, batch_size: int, seed: int):
+    """Endless minibatches of example indices, reshuffled every epoch from a seeded generator. (Grouping batches by
+    length would skip a quarter of the padding, but measured on the first reward model it stopped the fit after one
+    epoch at 0.65 held-out accuracy against 0.71 after four: batches of one length are not a random sample.)"""
     if n_examples < 1 or batch_size < 1:  # else the loop below would never yield
         raise ValueError(f"shuffled_batches: need at least one example and a batch size >= 1, got {n_examples} "
                          f"and {batch_size}")
@@ -92,14 +87,8 @@ def shuffled_batches(n_examples: int, batch_size: int, seed: int, lengths: list[
     while True:
         order = list(range(n_examples))
         rng.shuffle(order)
-        if lengths is not None:
-            group = LENGTH_GROUP * batch_size
-            order = [i for start in range(0, n_examples, group)
-                     for i in sorted(order[start:start + group], key=lambda i: lengths[i])]
-        batches = [order[start:start + batch_size] for start in range(0, n_examples, batch_size)]
-        if lengths is not None:
-            rng.shuffle(batches)
-        yield from batches
+        for start in range(0, n_examples, batch_size):
+            yield order[start:start + batch_size]
 
 
 def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:

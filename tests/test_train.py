@@ -67,24 +67,6 @@ def test_shuffled_batches_cover_every_example_each_epoch_and_refuse_none():
         next(shuffled_batches(0, 2, seed=0))
 
 
-def test_batches_grouped_by_length_cover_every_example_and_pad_little():
-    import random
-    lengths = [random.Random(i).randint(5, 40) for i in range(512)]
-    padded = lambda batch: len(batch) * max(lengths[i] for i in batch)
-    for grouped in (False, True):
-        batches = shuffled_batches(512, 16, seed=0, lengths=lengths if grouped else None)
-        epochs = [[next(batches) for _ in range(32)] for _ in range(2)]
-        for epoch in epochs:
-            assert sorted(i for batch in epoch for i in batch) == list(range(512))
-        waste = 1 - sum(lengths) / sum(padded(batch) for batch in epochs[0])
-        if grouped:
-            assert waste < 0.1 and epochs[0] != epochs[1]  # a new grouping every epoch
-            assert sorted(max(lengths[i] for i in b) for b in epochs[0]) != [max(lengths[i] for i in b)
-                                                                               for b in epochs[0]]  # mixed order
-        else:
-            assert waste > 0.3
-
-
 def test_map_batches_returns_every_rows_result_in_the_callers_order():
     from train import map_batches
     model = torch.nn.Linear(1, 1)
