@@ -10,15 +10,21 @@ Speed and headroom numbers for the CPU default, printed (timings live here, neve
     python bench.py                       # trains pi0 with iterate.py's defaults (about a minute on 2 cores)
     python bench.py --pi0 runs/default/pi0-<key>.pt   # or measures a cached pi0
     python bench.py --run runs/default          # where a finished run's gain comes from (see `diagnose_run`)
+    python bench.py --json bench.json           # the speed figures, also written as JSON
+
+4. the stages of one online iteration at iterate.py's defaults (iteration 2, the first with a reward-model refit):
+   refit, collect and label, DPO, evaluation, in seconds.
 """
 import argparse
 import json
 import os
+import tempfile
 import time
 
 import numpy as np
 import torch
 
+import iterate
 import reward
 import start
 from iterate import rm0_key
@@ -135,10 +141,22 @@ def diagnose_run(run, tokenizer, n_prompts=256):
     print("first reward model on pairs of pi0 samples, accuracy by " + ", ".join(accuracies))
 
 
+def iteration_stages(cache: str) -> dict:
+    """Seconds of each stage of iteration 2 of iterate.py at its defaults (the first with a refit), from the run's
+    metrics.jsonl; pi0 and the first reward model come from (or go to) the `cache` folder."""
+    with tempfile.TemporaryDirectory() as out:
+        row = iterate.main(["--iterations", "2", "--out", out, "--cache", cache])[-1]
+    return {"refit_s": row["rm_s"], "collect_and_label_s": row["pairs_s"], "dpo_s": row["dpo_s"],
+            "evaluate_s": row["eval_s"]}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pi0", default=None, help="a cached pi0-<key>.pt to measure instead of training one")
     parser.add_argument("--run", default=None, help="a finished run folder of iterate.py to diagnose instead")
+    parser.add_argument("--json", default=None, help="also write the speed figures to this JSON file")
+    parser.add_argument("--cache", default="runs/bench", help="pi0 and the first reward model of the iteration "
+                        "timed in (4), built there the first time")
     args = parser.parse_args()
     torch.manual_seed(0)
     tokenizer = start.world_tokenizer()
@@ -148,11 +166,14 @@ def main():
     config = GPTConfig.preset("tiny", vocab_size=tokenizer.n_vocab)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; tiny preset "
           f"{GPT(config).num_params() / 1e6:.2f} M parameters")
-    print(f"training: {training_speed(config):,.0f} tokens/s (batch 16 x 127)")
+    figures = {"torch": torch.__version__, "threads": torch.get_num_threads(),
+               "training_tokens_per_s": training_speed(config)}
+    print(f"training: {figures['training_tokens_per_s']:,.0f} tokens/s (batch 16 x 127)")
     model = GPT(config).eval()
-    cached, uncached = sampling_speed(model)
-    print(f"sampling 64 new tokens, batch 32, prompt 48: {cached:,.0f} tokens/s with the KV cache, "
-          f"{uncached:,.0f} without ({cached / uncached:.1f}x)")
+    figures["sampling_tokens_per_s"], figures["sampling_uncached_tokens_per_s"] = sampling_speed(model)
+    print(f"sampling 64 new tokens, batch 32, prompt 48: {figures['sampling_tokens_per_s']:,.0f} tokens/s with the "
+          f"KV cache, {figures['sampling_uncached_tokens_per_s']:,.0f} without "
+          f"({figures['sampling_tokens_per_s'] / figures['sampling_uncached_tokens_per_s']:.1f}x)")
     if args.pi0:
         pi0 = start.load_cached_gpt(args.pi0)
     else:
@@ -161,9 +182,17 @@ def main():
         corpus = start.sft_corpus_tokens(world, tokenizer, s.sft_examples, s.max_new_tokens, s.chat, s.seed)
         clock = time.time()
         loss = start.train_sft(pi0, corpus, s.sft_steps, s.sft_lr, s.sft_batch, s.seed, "cpu")
-        print(f"SFT at iterate.py's defaults: {s.sft_steps} steps in {time.time() - clock:.1f} s "
+        figures["sft_s"] = time.time() - clock
+        print(f"SFT at iterate.py's defaults: {s.sft_steps} steps in {figures['sft_s']:.1f} s "
               f"(final loss {loss:.3f})")
     pi0_statistics(pi0.eval(), tokenizer, world)
+    figures["iteration_2"] = iteration_stages(args.cache)
+    print("one online iteration at iterate.py's defaults (iteration 2): " +
+          ", ".join(f"{k[:-2].replace('_', ' ')} {v:.1f} s" for k, v in figures["iteration_2"].items()))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(figures, f, indent=1)
+        print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":
