@@ -24,6 +24,7 @@ per-token NLL (RPO), an option of iterate.py (`--nll-weight`), not its default.
 import torch
 import torch.nn.functional as F
 
+from distributed import data_parallel
 from train import collate, fit, map_batches, shuffled_batches
 
 
@@ -127,7 +128,9 @@ def train_dpo(policy, pairs, beta: float = 0.1, steps: int = 100, lr: float = 5e
                           ref_batch_size, device).to(device)
     reference_chosen, reference_rejected = both[:len(pairs)], both[len(pairs):]
 
-    def loss_fn(indices, net):  # net: the policy, or its DDP wrapper under torchrun
+    net = data_parallel(policy)  # what forward is called on: the policy, or under torchrun its DDP wrapper
+
+    def loss_fn(indices):
         batch_prompts = [prompts[i] for i in indices]
         # chosen and rejected through the policy in one forward pass of 2B rows
         tokens, mask, response_mask = collate(batch_prompts + batch_prompts, [chosen[i] for i in indices]

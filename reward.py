@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from distributed import full_weights
+from distributed import data_parallel, full_weights
 from train import collate, fit, map_batches, shuffled_batches
 
 
@@ -116,7 +116,9 @@ def train_reward_model(rm, pairs, steps: int = 200, lr: float = 1e-4, batch_size
     chosen = [c for _, c, _ in pairs]
     rejected = [r for _, _, r in pairs]
 
-    def loss_fn(indices, net):  # net: the reward model, or its DDP wrapper under torchrun
+    net = data_parallel(rm)  # what forward is called on: the reward model, or under torchrun its DDP wrapper
+
+    def loss_fn(indices):
         batch_prompts = [prompts[i] for i in indices]
         # chosen and rejected in one forward pass of 2B rows
         tokens, mask, _ = collate(batch_prompts + batch_prompts, [chosen[i] for i in indices]

@@ -22,7 +22,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from distributed import is_main
+from distributed import data_parallel, is_main
 from model import GPT, GPTConfig
 from oracle import World
 from rundir import InputError, atomic_save
@@ -142,8 +142,9 @@ def sft_corpus_tokens(world, tokenizer, examples: int, max_new_tokens: int, chat
 def train_sft(model, corpus, steps: int, lr: float, batch_size: int, seed: int, device) -> float:
     """Fit `model` to the corpus in place; returns the last step's loss."""
     prompts, responses = zip(*corpus)
-    loss_fn = lambda indices, net: (sft_loss(net, *collate([prompts[i] for i in indices],
-                                                           [responses[i] for i in indices], device)), {})
+    net = data_parallel(model)  # what forward is called on: the model, or under torchrun its DDP wrapper
+    loss_fn = lambda indices: (sft_loss(net, *collate([prompts[i] for i in indices], [responses[i] for i in indices],
+                                                      device)), {})
     history = fit(model, loss_fn, shuffled_batches(len(corpus), batch_size, seed), steps, lr,
                   warmup=steps // 20, weight_decay=0.1, desc="SFT pi0",
                   size=lambda indices: sum(len(responses[i]) for i in indices))  # a mean over response tokens

@@ -13,7 +13,7 @@ from contextlib import nullcontext
 import torch
 from tqdm import tqdm
 
-from distributed import data_parallel, full_weights, gather_tensor, rank, shard, sum_over_ranks, world_size
+from distributed import full_weights, gather_tensor, rank, shard, sum_over_ranks, world_size
 
 
 def collate(prompts: list[list[int]], responses: list[list[int]], device="cpu"):
@@ -101,10 +101,10 @@ def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
 
 def fit(model, loss_fn, batches, steps: int, lr: float, warmup: int = 0, weight_decay: float = 0.0,
         grad_clip: float = 1.0, desc: str = "train", size=len) -> list[dict]:
-    """Minimise loss_fn(batch, net) -> (mean loss over the batch, stats) over `steps` batches from the iterator
-    `batches`; `net` is what loss_fn calls forward on (the model, or under torchrun its DDP wrapper). Only
-    parameters with requires_grad are trained (LoRA freezes the rest), and only in float32. Returns one stats dict
-    per step.
+    """Minimise loss_fn(batch) -> (mean loss over the batch, stats) over `steps` batches from the iterator
+    `batches`. Only parameters with requires_grad are trained (LoRA freezes the rest), and only in float32. Returns
+    one stats dict per step. Under torchrun, loss_fn must call forward on `data_parallel(model)` (the trainers
+    below do), so that backward averages the gradients over ranks.
 
     Under torchrun a batch is a list of example indices: each rank takes its share and weighs its mean loss by its
     share of what the loss averages over (size(indices): rows, unless the loss is a mean over tokens), times the
@@ -115,7 +115,7 @@ def fit(model, loss_fn, batches, steps: int, lr: float, warmup: int = 0, weight_
         raise ValueError(f"{desc}: trainable weights must be float32 (got {sorted({str(p.dtype) for p in params})}); "
                          "keep frozen weights in bfloat16 and train a float32 copy or adapters")
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
-    net, ranks = data_parallel(model), world_size()
+    ranks = world_size()
     model.train()
     history = []
     progress = tqdm(range(steps), desc=desc, leave=False, mininterval=1.0, disable=rank() != 0)
@@ -124,12 +124,12 @@ def fit(model, loss_fn, batches, steps: int, lr: float, warmup: int = 0, weight_
             group["lr"] = learning_rate(step, steps, lr, warmup)
         batch = next(batches)
         if ranks == 1:
-            loss, stats = loss_fn(batch, net)
+            loss, stats = loss_fn(batch)
             share = 1.0
         else:  # this rank's rows; a rank left without one runs a row at weight 0, to join the gradient exchange
             mine = batch[rank()::ranks]
             share = size(mine) / size(batch)
-            loss, stats = loss_fn(mine or batch[:1], net)
+            loss, stats = loss_fn(mine or batch[:1])
         # the whole batch's loss and stats: the sum over ranks of each one's weighted by its share
         totals = sum_over_ranks(torch.tensor([loss.item(), *stats.values()], dtype=torch.float64) * share)
         total_loss, stats = totals[0].item(), dict(zip(stats, totals[1:].tolist()))
