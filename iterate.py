@@ -214,12 +214,10 @@ def trainable_policy(pi0, settings):
     return distributed.shard_weights(policy, policy.layers) if fsdp(settings) else policy
 
 
-def whole_policy(policy, settings):
-    """A sharded policy as one plain model on this rank: every rank must call distributed.full_state with it
-    (a collective)."""
-    state = distributed.full_state(policy.state_dict())
+def whole_policy(state: dict, config, settings):
+    """One plain model (adapters and all) from a sharded policy's state gathered whole (distributed.full_state)."""
     with torch.device("meta"):
-        whole = add_lora(GPT(policy.config), settings.lora) if settings.lora else GPT(policy.config)
+        whole = add_lora(GPT(config), settings.lora) if settings.lora else GPT(config)
     whole.load_state_dict(state, assign=True)
     return whole
 
@@ -479,8 +477,9 @@ def online_loop(settings: Settings, device) -> list[dict]:
                              "samples_bytes": os.path.getsize(os.path.join(s.out, "samples.txt")),
                              "seconds": round(time.time() - clock, 1)}, checkpoint_path)
     save_dtype = pi0_dtype if s.save_dtype == "auto" else getattr(torch, s.save_dtype)
-    if fsdp(s):  # rank 0 puts the whole policy back together from every rank's shards
-        policy = whole_policy(policy, s) if main_rank else distributed.full_state(policy.state_dict())
+    if fsdp(s):  # every rank gathers the shards (a collective); rank 0 puts the whole policy back together
+        state = distributed.full_state(policy.state_dict())
+        policy = whole_policy(state, policy.config, s) if main_rank else None
     if main_rank:  # a Hugging Face folder that from_pretrained reads
         if s.lora:
             merge_lora(policy)
