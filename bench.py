@@ -1,7 +1,7 @@
 """
 Speed and headroom numbers for the CPU default, printed (timings live here, never in tests).
 
-1. training tokens/s of the `tiny` preset;
+1. training tokens/s of the `tiny` preset, and pairs/s of reward-model training on pairs of the world's lengths;
 2. sampling tokens/s at 64 new tokens with the KV cache and without it (every token re-runs the whole sequence);
 3. SFT wall time at iterate.py's defaults, and pi0's gold-reward distribution on held-out prompts: mean, 10th and
    90th percentile, the share that finish with the end token, the share of distinct responses, and the best gold
@@ -46,6 +46,20 @@ def training_speed(config, batch=16, length=128, steps=10):
         loss.backward()
         optimizer.step()
     return steps * batch * (length - 1) / (time.time() - clock)
+
+
+def reward_training_speed(config, batch=32, prompt_length=11, steps=10):
+    """Pairs per second of reward-model training (the refits: most of a default run) on pairs shaped like the
+    world's: an 11-token prompt, responses of 4 to 28 tokens."""
+    rm = reward.RewardModel(GPT(config))
+    lengths = torch.Generator().manual_seed(0)
+    pairs = [(torch.randint(0, config.vocab_size, (prompt_length,)).tolist(),
+              *(torch.randint(0, config.vocab_size, (int(n),)).tolist()
+                for n in torch.randint(4, 29, (2,), generator=lengths))) for _ in range(batch * (steps + 2))]
+    reward.train_reward_model(rm, pairs[:2 * batch], steps=2, batch_size=batch)  # two warm-up steps
+    clock = time.time()
+    reward.train_reward_model(rm, pairs[2 * batch:], steps=steps, batch_size=batch)
+    return steps * batch / (time.time() - clock)
 
 
 @torch.no_grad()
@@ -169,6 +183,9 @@ def main():
     figures = {"torch": torch.__version__, "threads": torch.get_num_threads(),
                "training_tokens_per_s": training_speed(config)}
     print(f"training: {figures['training_tokens_per_s']:,.0f} tokens/s (batch 16 x 127)")
+    figures["reward_training_pairs_per_s"] = reward_training_speed(config)
+    print(f"reward-model training: {figures['reward_training_pairs_per_s']:,.0f} pairs/s (batch 32, prompts of 11 "
+          "tokens, responses of 4-28)")
     model = GPT(config).eval()
     figures["sampling_tokens_per_s"], figures["sampling_uncached_tokens_per_s"] = sampling_speed(model)
     print(f"sampling 64 new tokens, batch 32, prompt 48: {figures['sampling_tokens_per_s']:,.0f} tokens/s with the "
