@@ -27,6 +27,7 @@ import torch
 import iterate
 import reward
 import start
+from evaluate import kl_estimate
 from iterate import rm0_key
 from model import GPT, GPTConfig, sample, sample_key
 from oracle import REWARD_MAX, Oracle, World, reward_parts
@@ -107,8 +108,9 @@ def pi0_statistics(pi0, tokenizer, world, n_prompts=256, best_of=64, best_prompt
 def diagnose_run(run, tokenizer, n_prompts=256):
     """Per part of r*, the mean over held-out prompts for pi0 and for the run's final policy, and how often each
     follows the prompt's topic and tone; and the first reward model's pairwise accuracy on pairs of pi0 samples,
-    overall and on the pairs whose topic part, or tone part, differs. pi0 and the first reward model are read
-    from the run's cache folder (its --cache, else the run folder), on the run's seed and response cap."""
+    overall and on the pairs whose topic part, or tone part, differs; and where the policy's KL from pi0 sits.
+    pi0 and the first reward model are read from the run's cache folder (its --cache, else the run folder), on the
+    run's seed and response cap."""
     if not all(os.path.exists(os.path.join(run, name)) for name in ("config.json", "policy")):
         raise SystemExit(f"--run {run}: not a finished run of iterate.py (it needs config.json and policy/)")
     with open(os.path.join(run, "config.json")) as f:
@@ -137,6 +139,15 @@ def diagnose_run(run, tokenizer, n_prompts=256):
         # corpus has each in 30 % of its responses; a prompt-blind model hits the topic 1 time in 40)
         print(f"{'':>6}  mentions the asked topic {np.mean([x['topic'] >= 1.0 for x in parts]):.2f}, "
               f"greets in the asked tone {np.mean([x['tone'] >= 0.5 for x in parts]):.2f}")
+    # where the policy's KL from pi0 sits (the stability rule watches its jumps): in responses cut at the cap, in
+    # runs of full stops (r* prices neither "Regards." nor "Regards.....": both end a sentence), in a few prompts
+    kl = kl_estimate(policy, pi0, prompt_tokens, samples["policy"]).numpy()                   # [P] nats
+    cut = np.array([not tokenizer.stopped(r) for r in samples["policy"]])
+    dots = np.array([".." in tokenizer.decode_response(r) for r in samples["policy"]])
+    share = lambda rows: f"{rows.mean():.0%} of the responses, holding {kl[rows].sum() / kl.sum():.0%} of it"
+    print(f"KL(policy || pi0) {kl.mean():.2f} nats on its samples: cut at the cap {share(cut)}; with a run of full "
+          f"stops {share(dots)}; the top 5 % of prompts hold "
+          f"{kl[kl >= np.quantile(kl, 0.95)].sum() / kl.sum():.0%} of it")
     saved = torch.load(rm0_path, weights_only=True)
     rm = reward.RewardModel(GPT(pi0.config))
     rm.load_state_dict(saved["model"])
