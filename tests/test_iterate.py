@@ -55,7 +55,7 @@ def test_uncertainty_pairs_pick_the_farthest_sample_in_sigma_inverse_norm():
         [(0, 0, 2), (0, 0, 1)]
 
 
-def test_micro_run_raises_win_rate_above_pi0(tmp_path):
+def test_micro_run_raises_win_rate_above_pi0(tmp_path, capsys):
     # the whole loop in a sharper world whose effect is certain, not lucky: the oracle at temperature 0.1 (every
     # label follows r*, and the soft win-rate is nearly the hard one), r* ranks the samples (--rank oracle: the
     # pairs are informative even with a 64-label reward model), 96 prompts an iteration give DPO enough steps, 256
@@ -72,6 +72,13 @@ def test_micro_run_raises_win_rate_above_pi0(tmp_path):
     assert last["labels"] == first["labels"] + sum(r["pairs"] + 4 * 96 for r in metrics[1:])
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert rows == json.loads(json.dumps(metrics)) and [r["iteration"] for r in rows] == [0, 1, 2, 3]
+    # `python bench.py --run DIR` reads the finished run back: pi0 and the first reward model from its cache
+    import bench
+    from start import world_tokenizer
+    bench.diagnose_run(str(tmp_path), world_tokenizer(), n_prompts=32)
+    printed = capsys.readouterr().out
+    kl_line = next(line for line in printed.splitlines() if line.startswith("KL(policy || pi0)"))
+    assert 0.0 < float(kl_line.split()[3]) < 20 and "first reward model on pairs of pi0 samples" in printed
 
 
 def test_loop_runs_from_a_llama_folder_with_lora_and_a_prompt_file(tmp_path, write_llama):
