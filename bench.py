@@ -27,6 +27,7 @@ import torch
 import iterate
 import reward
 import start
+from dpo import response_logps
 from evaluate import kl_estimate
 from iterate import rm0_key
 from model import GPT, GPTConfig, sample, sample_key
@@ -148,6 +149,12 @@ def diagnose_run(run, tokenizer, n_prompts=256):
     print(f"KL(policy || pi0) {kl.mean():.2f} nats on its samples: cut at the cap {share(cut)}; with a run of full "
           f"stops {share(dots)}; the top 5 % of prompts hold "
           f"{kl[kl >= np.quantile(kl, 0.95)].sum() / kl.sum():.0%} of it")
+    # where pi0's samples stopped, does each model stop there? P(stop token | prompt, the response before it)
+    ended = [(p, r) for p, r in zip(prompt_tokens, samples["pi0"]) if tokenizer.stopped(r)]
+    stop_at = lambda model: (response_logps(model, [p for p, _ in ended], [r for _, r in ended])
+                             - response_logps(model, [p for p, _ in ended], [r[:-1] for _, r in ended])).exp()
+    print(f"where pi0's samples stop ({len(ended)}), P(stop there): pi0 {stop_at(pi0).mean():.2f}, "
+          f"policy {stop_at(policy).mean():.2f}")
     saved = torch.load(rm0_path, weights_only=True)
     rm = reward.RewardModel(GPT(pi0.config))
     rm.load_state_dict(saved["model"])

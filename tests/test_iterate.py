@@ -79,6 +79,8 @@ def test_micro_run_raises_win_rate_above_pi0(tmp_path, capsys):
     printed = capsys.readouterr().out
     kl_line = next(line for line in printed.splitlines() if line.startswith("KL(policy || pi0)"))
     assert 0.0 < float(kl_line.split()[3]) < 20 and "first reward model on pairs of pi0 samples" in printed
+    stops = next(line for line in printed.splitlines() if line.startswith("where pi0's samples stop"))
+    assert all(0.0 < float(x.rstrip(",")) <= 1.0 for x in (stops.split()[-3], stops.split()[-1]))
 
 
 def test_loop_runs_from_a_llama_folder_with_lora_and_a_prompt_file(tmp_path, write_llama):
