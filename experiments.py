@@ -41,6 +41,8 @@ ARMS = {
     "n2": ["--samples-per-prompt", "2", "--pairs-per-prompt", "1"],
     "n4": ["--samples-per-prompt", "4"],
     "rpo": ["--nll-weight", "5"],
+    "refit-all": ["--rm-refit", "all"],
+    "m192": ["--prompts-per-iter", "192"],
 }
 SUMMARY_KEYS = ("win_rate", "kl", "reward", "proxy_reward", "length", "labels")
 DIGITS = {"kl": 2, "reward": 2, "proxy_reward": 2, "length": 1, "labels": 0}  # decimals shown; 3 otherwise

@@ -245,11 +245,13 @@ def new_reward_model(pi0, settings, device):
     return rm
 
 
-def fit_reward_model(rm, labelled: list[Preference], settings, device) -> dict:
+def fit_reward_model(rm, labelled: list[Preference], settings, device, head_only: bool = False) -> dict:
     """The MLE of r_hat on every label in `labelled` (reward.fit_mle): epochs until a held-out tenth of the labels
-    stops improving. Returns the held-out loss and accuracy and the epochs, for metrics.jsonl."""
+    stops improving; of its head alone on fixed features with head_only. Returns the held-out loss and accuracy and
+    the epochs, for metrics.jsonl."""
     s = settings
-    fit = reward.fit_mle(rm, labelled, s.rm_lr, s.rm_batch, s.seed, device, max_epochs=s.rm_max_epochs)
+    fit = reward.fit_mle(rm, labelled, s.rm_lr, s.rm_batch, s.seed, device, max_epochs=s.rm_max_epochs,
+                         head_only=head_only)
     return {f"rm_{key}": value for key, value in fit.items()}
 
 
@@ -304,7 +306,7 @@ def refit_reward_model(rm, rm_start, oracle_pairs: list[Preference], settings, d
     """The refit: the MLE on every oracle label so far, from the previous reward model (warm), or from `rm_start`
     (pi0 with a fresh head) when given. Returns (r_hat, the fit's statistics)."""
     rm = rm if rm_start is None else share_frozen(rm_start)  # a fresh copy of what trains; a frozen base is shared
-    return rm, fit_reward_model(rm, oracle_pairs, settings, device)
+    return rm, fit_reward_model(rm, oracle_pairs, settings, device, head_only=settings.rm_refit == "head")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from distributed import data_parallel, full_weights
+from distributed import data_parallel, full_weights, load_state
 from train import collate, fit, map_batches, shuffled_batches
 
 
@@ -134,16 +134,20 @@ def train_reward_model(rm, pairs, steps: int = 200, lr: float = 1e-4, batch_size
 
 
 def fit_mle(rm, pairs, lr: float, batch_size: int, seed: int = 0, device="cpu", max_epochs: int = 10,
-            held_out_share: float = 0.1) -> dict:
+            held_out_share: float = 0.1, head_only: bool = False) -> dict:
     """The maximum-likelihood fit of `rm` on every pair: epochs over all but a held-out share of them, each a pass
     with its own cosine cycle, until the Bradley-Terry loss on the held-out pairs stops falling; the weights of the
     best epoch are kept (at least one epoch runs: new labels always get a pass). Returns the held-out loss and
-    accuracy of the kept weights, the epochs run and the epoch kept."""
+    accuracy of the kept weights, the epochs run and the epoch kept.
+
+    head_only: phi stays as it is and only the head is fit (fit_head)."""
     if len(pairs) < 2:
         raise ValueError(f"fit_mle: needs at least 2 labelled pairs (one is held out), got {len(pairs)}")
     order = random.Random(seed).sample(range(len(pairs)), len(pairs))
     n_held = max(1, round(held_out_share * len(pairs)))
     held_out, train = [pairs[i] for i in order[:n_held]], [pairs[i] for i in order[n_held:]]
+    if head_only:
+        return fit_head(rm, train, held_out, lr, batch_size, seed, device, max_epochs)
     prompts, chosen, rejected = zip(*held_out)
 
     def held_out_fit():  # (Bradley-Terry loss, rewards of the chosen side, of the rejected side)
@@ -152,15 +156,53 @@ def fit_mle(rm, pairs, lr: float, batch_size: int, seed: int = 0, device="cpu", 
         return bradley_terry_loss(chosen_rewards, rejected_rewards).item(), chosen_rewards, rejected_rewards
 
     steps = math.ceil(len(train) / batch_size)
+    train_epoch = lambda epoch: train_reward_model(rm, train, steps, lr, batch_size, seed + epoch, device,
+                                                   warmup=steps // 10)
+    return best_epochs(rm, train_epoch, held_out_fit, max_epochs)
+
+
+def fit_head(rm, train, held_out, lr: float, batch_size: int, seed: int, device, max_epochs: int) -> dict:
+    """fit_mle of the head alone, phi fixed: the theory paper's linear reward r = theta^T phi(x, a), whose MLE is a
+    logistic regression on phi. phi of every pair is computed once, in one forward pass, instead of a forward and
+    backward pass through the network in every epoch. A whole float32 copy of the head trains (the same on every
+    rank) and goes back into `rm` at the end, whether `rm` is sharded or not."""
+    prompts, chosen, rejected = zip(*(train + held_out))
+    phi_chosen, phi_rejected = (embed(rm, prompts, side, device=device).to(device) for side in (chosen, rejected))
+    with full_weights(rm):  # [N, C] each; rows past len(train) are the held-out pairs
+        head = nn.utils.skip_init(nn.Linear, rm.head.in_features, 1, device=device)  # no draw from torch's RNG
+        head.load_state_dict({k: v.detach().float().clone() for k, v in rm.head.state_dict().items()})
+    rewards = lambda model, rows: (model(phi_chosen[rows]).squeeze(-1), model(phi_rejected[rows]).squeeze(-1))
+    held_out_rows = slice(len(train), None)
+
+    def held_out_fit():
+        with torch.no_grad():
+            chosen_rewards, rejected_rewards = (r.cpu() for r in rewards(head, held_out_rows))
+        return bradley_terry_loss(chosen_rewards, rejected_rewards).item(), chosen_rewards, rejected_rewards
+
+    steps = math.ceil(len(train) / batch_size)
+    net = data_parallel(head)  # under torchrun, backward averages the gradients over the ranks
+
+    def train_epoch(epoch):
+        fit(head, lambda rows: (bradley_terry_loss(*rewards(net, rows)), {}),
+            shuffled_batches(len(train), batch_size, seed + epoch), steps, lr, warmup=steps // 10, desc="reward head")
+    result = best_epochs(head, train_epoch, held_out_fit, max_epochs)
+    load_state(rm, {f"head.{k}": v for k, v in head.state_dict().items()}, strict=False)
+    return result
+
+
+def best_epochs(model, train_epoch, held_out_fit, max_epochs: int) -> dict:
+    """Epochs of train_epoch(epoch) while held_out_fit() -> (loss, chosen rewards, rejected rewards) falls; the
+    best epoch's weights are put back. Returns what fit_mle returns."""
     best_loss, best_state, best_epoch = math.inf, None, 0
     for epoch in range(1, max_epochs + 1):
-        train_reward_model(rm, train, steps, lr, batch_size, seed + epoch, device, warmup=steps // 10)
+        train_epoch(epoch)
         loss = held_out_fit()[0]
         if loss >= best_loss:
             break
-        best_loss, best_state, best_epoch = loss, copy.deepcopy(rm.state_dict()), epoch
-    rm.load_state_dict(best_state)
+        best_loss, best_state, best_epoch = loss, copy.deepcopy(model.state_dict()), epoch
+    model.load_state_dict(best_state)
     loss, chosen_rewards, rejected_rewards = held_out_fit()
+    n_held = len(chosen_rewards)
     accuracy = pairwise_accuracy(chosen_rewards, rejected_rewards, [1] * n_held, [0] * n_held)
     return {"held_out_loss": loss, "held_out_accuracy": accuracy, "epochs": epoch, "epoch_kept": best_epoch}
 

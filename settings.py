@@ -73,12 +73,17 @@ class Settings:
                                     "stops earlier when the loss on a held-out tenth of the labels stops falling")
     rm_refit_from: str = option("previous", "where each refit starts: the previous reward model (warm) or pi0 with "
                                             "a fresh head", choices=("previous", "pi0"))
+    rm_refit: str = option("head", "what each refit fits: only the head, on the features phi the first fit learned "
+                                   "(head: the theory paper's linear reward theta^T phi, whose MLE is a logistic "
+                                   "regression; a tenth of the time of all), or every trainable weight (all)",
+                           choices=("head", "all"))
     rm_batch: int = option(32, "reward-model batch size (pairs)")
     rm_trainable_layers: int = option(-1, "top blocks of the pi0 backbone the reward model fine-tunes (-1: all)")
     rm_lr: float = option(1e-3, "reward-model peak learning rate")
     # online loop
     iterations: int = option(5, "T, the number of online iterations")
-    prompts_per_iter: int = option(192, "m, prompts (so at most m pairs) per iteration")
+    prompts_per_iter: int = option(384, "m, prompts per iteration (pairs: up to k per prompt); 384 chosen on seeds "
+                                        "0-2 with head refits, against 192")
     n: int = option(8, "n, samples per prompt (half at temperature 1.0, half 0.7); --n is kept as an alias, which "
                        "torchrun's own parser cannot pass on", flags=("--samples-per-prompt", "--n"))
     pairs: str = option("best-worst", f"exploration rule: {', '.join(PAIR_RULES)}")

@@ -2,6 +2,7 @@
 the padding, training on a toy preference, and held-out accuracy with ties. All seeded and deterministic."""
 import copy
 import math
+import random
 
 import pytest
 import torch
@@ -198,6 +199,27 @@ def test_fit_mle_is_seeded_and_refuses_fewer_than_two_pairs():
     with pytest.raises(ValueError, match="fit_mle: needs at least 2 labelled pairs .one is held out., got 1"):
         reward.fit_mle(toy_reward_model(), toy_pairs(1, seed=1), lr=1e-3, batch_size=8)
 
+
+
+def test_fit_mle_head_only_fits_the_head_on_fixed_features_and_leaves_the_backbone_as_it_was():
+    # a response ending in token 5 beats one ending in token 6: phi at the last token tells them apart, so the linear
+    # reward theta^T phi can learn it with the backbone frozen
+    import reward
+    gen = torch.Generator().manual_seed(3)
+    rows = torch.randint(7, 32, (120, 4), generator=gen).tolist()
+    pairs = [(r[:2], [r[2], 5], [r[3], 6]) for r in rows]
+    rm = toy_reward_model()
+    backbone = {k: v.clone() for k, v in rm.backbone.state_dict().items()}
+    fit = reward.fit_mle(rm, pairs, lr=3e-2, batch_size=16, seed=0, max_epochs=20, head_only=True)
+    assert all(torch.equal(v, backbone[k]) for k, v in rm.backbone.state_dict().items())
+    assert rm.head.weight.abs().sum() > 0
+    # the held-out numbers it reports are the model's own: recomputed through score() on the held-out twelve pairs
+    order = random.Random(0).sample(range(120), 120)
+    prompts, chosen, rejected = zip(*[pairs[i] for i in order[:12]])
+    chosen_rewards, rejected_rewards = score(rm, prompts, chosen), score(rm, prompts, rejected)
+    assert bradley_terry_loss(chosen_rewards, rejected_rewards).item() == pytest.approx(fit["held_out_loss"], abs=1e-5)
+    assert fit["held_out_loss"] < 0.3 and fit["held_out_accuracy"] == 1.0
+    assert 1 <= fit["epoch_kept"] <= fit["epochs"] <= 20
 
 
 def test_embed_of_a_padded_batch_equals_each_row_alone():
