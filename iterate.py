@@ -6,7 +6,9 @@ Feedback" (Xiong et al. 2024, Algorithm 1), labelled by the synthetic oracle of 
     pi0    = SFT on the world's corpus                               (start.py; cached in the run folder)
     r_hat  = Bradley-Terry reward model on L0 oracle-labelled pairs of pi0 samples
     for t in 1..T:
-        refit:    (t > 1) r_hat = the MLE on all oracle labels so far: epochs until a held-out tenth stops improving
+        refit:    (t > 1) r_hat = theta^T phi, theta the MLE on all oracle labels so far (a logistic regression
+                  on the first fit's features phi; --rm-refit all refits every weight): epochs until a
+                  held-out tenth stops improving
         collect:  n samples per prompt from pi_{t-1} (half at temperature 1.0, half at 0.7), ranked by r_hat;
                   main agent = the best-ranked sample (exploit); enhancer = the pair's other side (explore):
             best-worst : r_hat's worst sample                     (Algorithm 2)
@@ -19,8 +21,9 @@ Feedback" (Xiong et al. 2024, Algorithm 1), labelled by the synthetic oracle of 
                   no label smoothing (both are options)
         evaluate: win-rate against pi0, KL(pi_t || pi0) on held-out prompts (evaluate.py)
 
-Simplified on purpose: each refit starts from the previous reward model's weights (--rm-refit-from pi0 starts
-from pi0 instead), and the enhancer searches among the n samples rather than training a second policy.
+Simplified on purpose: phi is learnt once, by the first fit, and each refit continues the previous head (as the
+theory's linear reward does, the enhancer's Sigma is built from the same phi); the enhancer searches among the n
+samples rather than training a second policy.
 
     python iterate.py                 # the default synthetic world on the CPU, a few minutes
     python iterate.py --help
@@ -303,8 +306,9 @@ def make_reward_model(pi0, prompt_source, oracle, tokenizer, settings, device, c
 
 
 def refit_reward_model(rm, rm_start, oracle_pairs: list[Preference], settings, device):
-    """The refit: the MLE on every oracle label so far, from the previous reward model (warm), or from `rm_start`
-    (pi0 with a fresh head) when given. Returns (r_hat, the fit's statistics)."""
+    """The refit: the MLE on every oracle label so far, of the head alone (--rm-refit head) or of every weight, from
+    the previous reward model (warm), or from `rm_start` (pi0 with a fresh head) when given. Returns (r_hat, the
+    fit's statistics)."""
     rm = rm if rm_start is None else share_frozen(rm_start)  # a fresh copy of what trains; a frozen base is shared
     return rm, fit_reward_model(rm, oracle_pairs, settings, device, head_only=settings.rm_refit == "head")
 

@@ -3,8 +3,8 @@ The Bradley-Terry reward model: a scalar head on the GPT, its loss, its training
 
 What it owns: `bradley_terry_loss`, `RewardModel` (a GPT backbone, initialised by the caller from pi0, plus a
 linear head read at the last real token of each row), `score` and `embed` (batched, without gradient),
-`embed_and_score`, `train_reward_model` (on `train.fit`), `fit_mle` (epochs until a held-out share stops improving)
-and `pairwise_accuracy` (agreement with the truth).
+`embed_and_score`, `train_reward_model` (on `train.fit`), `fit_mle` (epochs until a held-out share stops improving;
+`fit_head`: of the head alone on fixed features) and `pairwise_accuracy` (agreement with the truth).
 
 The model behind it (RLHF Workflow eq. 1): P(a1 > a2 | x) = sigmoid(r(x, a1) - r(x, a2)). Fitting r by maximum
 likelihood on labelled pairs (a_w preferred to a_l) minimises
@@ -166,12 +166,12 @@ def fit_head(rm, train, held_out, lr: float, batch_size: int, seed: int, device,
     logistic regression on phi. phi of every pair is computed once, in one forward pass, instead of a forward and
     backward pass through the network in every epoch. A whole float32 copy of the head trains (the same on every
     rank) and goes back into `rm` at the end, whether `rm` is sharded or not."""
-    prompts, chosen, rejected = zip(*(train + held_out))
+    prompts, chosen, rejected = zip(*(train + held_out))  # rows past len(train) are the held-out pairs
     phi_chosen, phi_rejected = (embed(rm, prompts, side, device=device).to(device) for side in (chosen, rejected))
-    with full_weights(rm):  # [N, C] each; rows past len(train) are the held-out pairs
+    with full_weights(rm):  # phi_* [N, C]; under FSDP2 the head is sharded too: its whole weights are copied
         head = nn.utils.skip_init(nn.Linear, rm.head.in_features, 1, device=device)  # no draw from torch's RNG
         head.load_state_dict({k: v.detach().float().clone() for k, v in rm.head.state_dict().items()})
-    rewards = lambda model, rows: (model(phi_chosen[rows]).squeeze(-1), model(phi_rejected[rows]).squeeze(-1))
+    rewards = lambda model, rows: tuple(model(phi[rows]).squeeze(-1).float() for phi in (phi_chosen, phi_rejected))
     held_out_rows = slice(len(train), None)
 
     def held_out_fit():

@@ -145,6 +145,9 @@ class Settings:
                              f"{self.threads}")
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite: pass one of them, not both")
+        if self.rm_refit == "head" and self.rm_refit_from == "pi0":
+            raise ValueError("--rm-refit-from pi0 needs --rm-refit all: a head-only refit keeps the features of the "
+                             "first fit, which a start from pi0 would throw away")
         if self.lora and self.restart:
             raise ValueError("--restart with --lora is not supported: the adapters are the policy's only trained "
                              "weights")

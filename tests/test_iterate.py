@@ -313,7 +313,8 @@ def spy_on(monkeypatch, module, name, calls):
 
 @pytest.mark.parametrize("extra", [
     ["--loss", "ipo", "--pairs", "uncertainty", "--uncertainty-lambda", "2.5"],
-    ["--label-smoothing", "0.05", "--nll-weight", "0.25", "--rm-refit-from", "pi0", "--oracle-temperature", "0.3"],
+    ["--label-smoothing", "0.05", "--nll-weight", "0.25", "--rm-refit", "all", "--rm-refit-from", "pi0",
+     "--oracle-temperature", "0.3"],
 ])
 def test_every_training_flag_reaches_its_stage(extra, tmp_path, monkeypatch):
     # one tiny run with a value off the default for each flag, and spies on the functions the stages call: a flag
@@ -342,6 +343,7 @@ def test_every_training_flag_reaches_its_stage(extra, tmp_path, monkeypatch):
     assert len(sft_args[1]) == 200 and max(len(r) for _, r in sft_args[1]) <= 9   # examples, the response cap
     fits = calls["fit_mle"]
     assert len(fits) == 2 and all(a[2:5] == (7e-4, 5, 3) and k["max_epochs"] == 2 for a, k in fits)
+    assert [k["head_only"] for _, k in fits] == [False, settings.rm_refit == "head"]  # the first fit: all
     # rm0, and with --rm-refit-from pi0 the start every refit copies
     assert len(calls["new_reward_model"]) == (2 if settings.rm_refit_from == "pi0" else 1)
     for rm in (fits[0][0][0], fits[1][0][0]):                                     # --rm-trainable-layers 1

@@ -20,6 +20,7 @@ import settings
     (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1, got 0"),
     (["--label-smoothing", "2"], "--label-smoothing must be in [0, 0.5), got 2.0"),
     (["--threads", "0"], "--threads >= 1"),
+    (["--rm-refit-from", "pi0"], "--rm-refit-from pi0 needs --rm-refit all"),
 ])
 def test_bad_cli_input_is_refused(flags, message, capsys):
     with pytest.raises(SystemExit):
