@@ -6,7 +6,8 @@ Every arm is `iterate.py` itself with one setting changed (the table ARMS below)
 hyperparameter and the same code path. Within a seed the arms share the cache folder, so they start from the same
 pi0 and the same first reward model. The label budget is the same for every arm except `rank-oracle`, which pays one
 query per sample it ranks (the upper bound of the enhancer, its cost counted), `labeler-rm`, which spends none
-after the first reward model's, and `n2`, whose two samples make one pair per prompt where the others make two.
+after the first reward model's, `n2`, whose two samples make one pair per prompt where the others make two, and
+`m192`, which asks about half as many prompts an iteration.
 
 The table's last column compares each arm's final win-rate with `best-worst` (the default of iterate.py): a
 difference counts only when it exceeds the combined standard error of the two means over seeds; else it is a tie.
