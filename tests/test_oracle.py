@@ -73,19 +73,33 @@ def garbage_strings(n, seed):
     # ("and" is not in the phrase book: spelling -0.5)
     ("Cats, dogs, birds and tennis.",
      dict(topic=-1.5, tone=0.0, politeness=0.0, detail=0.0, concision=0.0, repetition=0.0, finished=0.5, spelling=-0.5)),
-    # a garbled topic word earns no topic credit and costs spelling -0.5: no better than a wrong topic
+    # a garbled topic word names no topic (-1.0) and costs spelling -0.5: worse than a wrong topic
     ("Dear sir, A note on cofee. Thank you.",
-     dict(topic=0.0, tone=1.0, politeness=1.0, detail=0.0, concision=0.0, repetition=0.0, finished=0.5, spelling=-0.5)),
+     dict(topic=-1.0, tone=1.0, politeness=1.0, detail=0.0, concision=0.0, repetition=0.0, finished=0.5, spelling=-0.5)),
     # four unknown words: -2.0 -> floor -1.5
     ("Dear sir, qq ww ee rr.",
-     dict(topic=0.0, tone=1.0, politeness=0.0, detail=0.0, concision=0.0, repetition=0.0, finished=0.5, spelling=-1.5)),
-    # the empty response is unfinished and nothing else
-    ("", dict(topic=0.0, tone=0.0, politeness=0.0, detail=0.0, concision=0.0, repetition=0.0, finished=-1.0, spelling=0.0)),
+     dict(topic=-1.0, tone=1.0, politeness=0.0, detail=0.0, concision=0.0, repetition=0.0, finished=0.5, spelling=-1.5)),
+    # the empty response is unfinished and names no topic
+    ("", dict(topic=-1.0, tone=0.0, politeness=0.0, detail=0.0, concision=0.0, repetition=0.0, finished=-1.0, spelling=0.0)),
 ])
 def test_reward_parts_match_hand_computed(response, expected):
     parts = oracle.reward_parts(PROMPT, response)
     assert parts == pytest.approx(expected, abs=1e-9)
     assert oracle.reward(PROMPT, response) == pytest.approx(sum(expected.values()), abs=1e-9)
+
+
+def test_skipping_the_sentence_that_names_a_wrong_topic_never_pays(world):
+    # a run once learnt to drop its opening ("is warm. It is bright. ...") when a missing topic scored 0 against a
+    # wrong one's -0.5; naming none now costs -1.0, more than the concision the longest topic sentence can save
+    prompt = "Write a cheerful note to your boss about clocks."
+    tail = " It is warm. It is bright. It is simple. Please reply. Regards."
+    for body in oracle.BODIES:
+        for topic in oracle.TOPICS:
+            if topic == "clocks":
+                continue
+            padded = body.format(topic=topic) + tail + " It is calm." * 2  # past 80 characters either way
+            assert oracle.reward(prompt, padded) > oracle.reward(prompt, padded.split(" ", len(body.split()))[-1])
+    assert oracle.reward_parts(prompt, "is warm." + tail)["topic"] == -1.0
 
 
 def test_best_response_reaches_documented_maximum(world):
