@@ -17,7 +17,9 @@ r* is the sum of named parts (`reward_parts` returns them), each bounded:
 | concision  | -0.02 per character past 80 (stripped text), at most -2.0                         | -2.0 |  0.0 |
 | repetition | -0.5 per sentence that repeats an earlier one, at most -2.0                       | -2.0 |  0.0 |
 | finished   | +0.5 if it stopped and the stripped text ends in . ! or ?, else -1.0              | -1.0 | +0.5 |
-| spelling   | -0.5 per word outside the world's phrase book (a misspelling), at most -1.5        | -1.5 |  0.0 |
+| grammar    | -0.5 per stretch of text that is no sentence of the phrase book (a misspelling,    | -1.5 |  0.0 |
+|            | a fragment such as "us talk cats.", a stray token), at most -1.5; a cut-off last  |      |      |
+|            | sentence is the finished part's to price                                          |      |      |
 | total      |                                                                                   | -9.5 | +4.8 |
 
 Whether a response stopped is not in its text (the stop token is not text), so every function of a response takes
@@ -26,8 +28,9 @@ its last character. Word matches are case-insensitive and on word boundaries. Th
 more details look good until length and repetition cost more than they add.
 
 The SFT corpus mixes good and bad choices independently (each good choice is a minority), so pi0 fit to it has
-wide support, a low mean reward and rare maximal responses. Simplified on purpose: one fixed phrase book, no
-grammar beyond it; `malformed` flags any word outside it (to watch DPO push mass into misspellings).
+wide support, a low mean reward and rare maximal responses. Simplified on purpose: one fixed phrase book, whose
+sentences are the whole grammar (in any order); `malformed` flags any stretch outside them (to watch DPO push mass
+into misspellings and fragments).
 
 Run `python oracle.py` to print a few prompts, sampled responses, their reward parts and corpus statistics.
 """
@@ -54,7 +57,7 @@ CLOSING = "Regards."
 
 # (min, max) of each part; the totals are their sums (same order as reward_parts, so floats compare exactly).
 PART_BOUNDS = {"topic": (-1.5, 1.5), "tone": (-0.5, 1.0), "politeness": (-1.0, 1.0), "detail": (0.0, 0.8),
-               "concision": (-2.0, 0.0), "repetition": (-2.0, 0.0), "finished": (-1.0, 0.5), "spelling": (-1.5, 0.0)}
+               "concision": (-2.0, 0.0), "repetition": (-2.0, 0.0), "finished": (-1.0, 0.5), "grammar": (-1.5, 0.0)}
 REWARD_MIN = round(sum(lo for lo, _ in PART_BOUNDS.values()), 6)  # -9.5
 REWARD_MAX = round(sum(hi for _, hi in PART_BOUNDS.values()), 6)  # 4.8
 MAX_CHARS = 80  # concision starts to cost past this many characters
@@ -74,10 +77,11 @@ _TONE_RE = re.compile(r"\b(" + "|".join(TONES) + r")\b", re.IGNORECASE)
 _GREETING_RE = {t: re.compile(r"\b" + g.rstrip(",!").lower() + r"\b") for t, g in GREETINGS.items()}
 _DETAIL_RE = re.compile(r"\bit is (\w+)\.", re.IGNORECASE)
 _SENTENCE_END_RE = re.compile(r"(?<=[.!?])\s+")
-_PUNCT = ".,!?;:"
-KNOWN_WORDS = frozenset(w.strip(_PUNCT).lower() for phrase in
-                        (*GREETINGS.values(), *BODIES, DETAIL, *POLITE, *RUDE, CLOSING, *TOPICS, *ADJECTIVES)
-                        for w in phrase.split() if w not in ("{topic}.", "{adj}."))
+# every sentence of the phrase book, exactly as the corpus writes it; a response is well formed when it is a run of
+# them separated by white space
+BOOK_SENTENCES = (*GREETINGS.values(), *(b.format(topic=t) for b in BODIES for t in TOPICS),
+                  *(DETAIL.format(adj=a) for a in ADJECTIVES), *POLITE, *RUDE, CLOSING)
+_BOOK_SENTENCE_RE = re.compile(r"(?<!\S)(" + "|".join(map(re.escape, BOOK_SENTENCES)) + r")(?!\S)")
 
 
 def _check_str(name, value):
@@ -121,8 +125,9 @@ def reward_parts(prompt: str, response: str, finished: bool = True) -> dict[str,
     parts["repetition"] = 0.0 - min(2.0, 0.5 * (len(sentences) - len(set(sentences))))
     # a cut-off response often ends in "." at the cut: only a response that stopped can be finished
     parts["finished"] = 0.5 if finished and text.endswith((".", "!", "?")) else -1.0
-    # without this part a garbled word would cost nothing, and DPO could move mass into misspellings for free
-    parts["spelling"] = 0.0 - min(1.5, 0.5 * len(unknown_words(text)))
+    # without this part a garbled word or a sentence begun in its middle (" there! ...", which dodges a wrong
+    # greeting) would cost nothing, and DPO, which pushes mass off rejected tokens, could move it there for free
+    parts["grammar"] = 0.0 - min(1.5, 0.5 * len(fragments(text)))
     return {k: round(v, 6) for k, v in parts.items()}  # round away float dust (0.06000000000000001)
 
 
@@ -131,16 +136,24 @@ def reward(prompt: str, response: str, finished: bool = True) -> float:
     return round(sum(reward_parts(prompt, response, finished).values()), 6)
 
 
-def unknown_words(text: str) -> list[str]:
-    """The words of `text` outside the world's phrase book (misspellings), punctuation stripped."""
-    words = (w.strip(_PUNCT).lower() for w in text.split())
-    return [w for w in words if w and w not in KNOWN_WORDS]
+def fragments(text: str) -> list[str]:
+    """The stretches of `text` that are no sentence of the phrase book, in order, stripped. A last stretch that
+    begins a sentence ("It is wa") is a cut-off ending, priced by the finished part, and not counted here."""
+    stretches, end = [], 0
+    for match in _BOOK_SENTENCE_RE.finditer(text):
+        stretches.append(text[end:match.start()].strip())
+        end = match.end()
+    tail = text[end:].strip()
+    if not any(sentence.startswith(tail) for sentence in BOOK_SENTENCES):
+        stretches.append(tail)
+    return [s for s in stretches if s]
 
 
 def malformed(response: str) -> bool:
-    """True when the response holds a word outside the world's phrase book (e.g. a misspelling)."""
+    """True when the response holds a stretch that is no sentence of the phrase book (a misspelling, a
+    fragment, a stray token)."""
     _check_str("response", response)
-    return bool(unknown_words(response))
+    return bool(fragments(response))
 
 
 class World:

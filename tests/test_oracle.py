@@ -50,37 +50,46 @@ def garbage_strings(n, seed):
 
 @pytest.mark.parametrize("response, expected", [
     # the optimum: every part at its maximum, 75 characters
-    (BEST, dict(topic=1.5, tone=1.0, politeness=1.0, detail=0.8, concision=0.0, repetition=0.0, finished=0.5, spelling=0.0)),
+    (BEST, dict(topic=1.5, tone=1.0, politeness=1.0, detail=0.8, concision=0.0, repetition=0.0, finished=0.5, grammar=0.0)),
     # off topic: pizza instead of coffee -> topic -0.5 (4.8 - 2.0 = 2.8)
     (BEST.replace("coffee", "pizza"),
-     dict(topic=-0.5, tone=1.0, politeness=1.0, detail=0.8, concision=0.0, repetition=0.0, finished=0.5, spelling=0.0)),
+     dict(topic=-0.5, tone=1.0, politeness=1.0, detail=0.8, concision=0.0, repetition=0.0, finished=0.5, grammar=0.0)),
     # the friendly greeting on a formal prompt -> tone -0.5
     ("Hi pal, A note on coffee. Thank you.",
-     dict(topic=1.5, tone=-0.5, politeness=1.0, detail=0.0, concision=0.0, repetition=0.0, finished=0.5, spelling=0.0)),
+     dict(topic=1.5, tone=-0.5, politeness=1.0, detail=0.0, concision=0.0, repetition=0.0, finished=0.5, grammar=0.0)),
     # rude
     ("Dear sir, A note on coffee. Go away.",
-     dict(topic=1.5, tone=1.0, politeness=-1.0, detail=0.0, concision=0.0, repetition=0.0, finished=0.5, spelling=0.0)),
+     dict(topic=1.5, tone=1.0, politeness=-1.0, detail=0.0, concision=0.0, repetition=0.0, finished=0.5, grammar=0.0)),
     # 27 + 10 * 12 = 147 chars: concision -0.02 * 67 = -1.34; 9 repeats * -0.5 = -4.5 -> floor -2.0
     ("Dear sir, A note on coffee." + " It is warm." * 10,
-     dict(topic=1.5, tone=1.0, politeness=0.0, detail=0.4, concision=-1.34, repetition=-2.0, finished=0.5, spelling=0.0)),
+     dict(topic=1.5, tone=1.0, politeness=0.0, detail=0.4, concision=-1.34, repetition=-2.0, finished=0.5, grammar=0.0)),
     # 27 + 15 * 12 = 207 chars: concision -0.02 * 127 = -2.54 -> floor -2.0; repetition floor -2.0
     ("Dear sir, A note on coffee." + " It is warm." * 15,
-     dict(topic=1.5, tone=1.0, politeness=0.0, detail=0.4, concision=-2.0, repetition=-2.0, finished=0.5, spelling=0.0)),
+     dict(topic=1.5, tone=1.0, politeness=0.0, detail=0.4, concision=-2.0, repetition=-2.0, finished=0.5, grammar=0.0)),
     # cut off: no terminal punctuation -> finished -1.0; "It is warm" without its full stop is no detail
     ("Dear sir, A note on coffee. It is warm",
-     dict(topic=1.5, tone=1.0, politeness=0.0, detail=0.0, concision=0.0, repetition=0.0, finished=-1.0, spelling=0.0)),
+     dict(topic=1.5, tone=1.0, politeness=0.0, detail=0.0, concision=0.0, repetition=0.0, finished=-1.0, grammar=0.0)),
     # four other topics: -0.5 * 4 = -2.0 -> floor -1.5
-    # ("and" is not in the phrase book: spelling -0.5)
+    # (no sentence of the phrase book: one fragment, grammar -0.5)
     ("Cats, dogs, birds and tennis.",
-     dict(topic=-1.5, tone=0.0, politeness=0.0, detail=0.0, concision=0.0, repetition=0.0, finished=0.5, spelling=-0.5)),
-    # a garbled topic word names no topic (-1.0) and costs spelling -0.5: worse than a wrong topic
+     dict(topic=-1.5, tone=0.0, politeness=0.0, detail=0.0, concision=0.0, repetition=0.0, finished=0.5, grammar=-0.5)),
+    # a garbled topic word names no topic (-1.0) and makes its sentence a fragment (-0.5): worse than a wrong topic
     ("Dear sir, A note on cofee. Thank you.",
-     dict(topic=-1.0, tone=1.0, politeness=1.0, detail=0.0, concision=0.0, repetition=0.0, finished=0.5, spelling=-0.5)),
-    # four unknown words: -2.0 -> floor -1.5
+     dict(topic=-1.0, tone=1.0, politeness=1.0, detail=0.0, concision=0.0, repetition=0.0, finished=0.5, grammar=-0.5)),
+    # one fragment however long: -0.5
     ("Dear sir, qq ww ee rr.",
-     dict(topic=-1.0, tone=1.0, politeness=0.0, detail=0.0, concision=0.0, repetition=0.0, finished=0.5, spelling=-1.5)),
+     dict(topic=-1.0, tone=1.0, politeness=0.0, detail=0.0, concision=0.0, repetition=0.0, finished=0.5, grammar=-0.5)),
+    # four fragments between book sentences (the last is no start of one): -2.0 -> floor -1.5
+    ("Dear sir, qq. Thank you. ww. Regards. ee. It is warm. rr.",
+     dict(topic=-1.0, tone=1.0, politeness=1.0, detail=0.4, concision=0.0, repetition=0.0, finished=0.5, grammar=-1.5)),
+    # a greeting begun in its middle dodges a wrong greeting's -0.5, and is a fragment: -0.5
+    (" there! A note on coffee. Thank you.",
+     dict(topic=1.5, tone=0.0, politeness=1.0, detail=0.0, concision=0.0, repetition=0.0, finished=0.5, grammar=-0.5)),
+    # a sentence run into the next ("It is warmThank you.") is one fragment, and its detail does not count
+    ("Dear sir, A note on coffee. It is warmThank you.",
+     dict(topic=1.5, tone=1.0, politeness=1.0, detail=0.0, concision=0.0, repetition=0.0, finished=0.5, grammar=-0.5)),
     # the empty response is unfinished and names no topic
-    ("", dict(topic=-1.0, tone=0.0, politeness=0.0, detail=0.0, concision=0.0, repetition=0.0, finished=-1.0, spelling=0.0)),
+    ("", dict(topic=-1.0, tone=0.0, politeness=0.0, detail=0.0, concision=0.0, repetition=0.0, finished=-1.0, grammar=0.0)),
 ])
 def test_reward_parts_match_hand_computed(response, expected):
     parts = oracle.reward_parts(PROMPT, response)
@@ -232,10 +241,19 @@ def test_corpus_is_fast_and_uses_train_prompts_only(world):
     assert not any(malformed(a) for _, a in corpus)
 
 
-def test_malformed_flags_words_outside_the_phrase_book(world):
+def test_malformed_flags_stretches_outside_the_phrase_book(world):
+    # a cut-off last sentence ("It is warm", "Regards") is the finished part's, not a fragment
     assert not malformed(BEST) and not malformed("") and not malformed("Hey there! It is warm")
+    assert not malformed("Hi pal, I like cats. Regards")
     assert malformed("Dear sri, A note on coffee.")
     assert malformed("It is lovelyy.") and malformed("caf\u00e9")
+    assert malformed("is warm. It is bright.") and malformed("Hi pal, us talk cats.")  # begun mid-sentence
+    assert malformed("A note on team.")  # "tea" is a topic, "team" none
+    assert malformed("Thank you you you you")  # no start of a book sentence
+    # a stretch runs until a book sentence starts after white space: a stray token glues its neighbours into it
+    assert oracle.fragments("Hi pal, us talk cats. Thank you. away. Regards.") == ["us talk cats.", "away."]
+    assert oracle.fragments("Hi pal, I like books.<|begin_of_text|>Thank you. away. Regards.") == \
+        ["I like books.<|begin_of_text|>Thank you. away."]
 
 
 def test_corpus_statistics(corpus):
