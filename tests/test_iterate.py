@@ -11,7 +11,7 @@ from oracle import Oracle, World
 
 MICRO = ["--sft-examples", "3000", "--sft-steps", "100", "--rm-labels", "64", "--rm-max-epochs", "2",
          "--iterations", "3", "--prompts-per-iter", "96", "--n", "4", "--eval-prompts", "256", "--rank", "oracle",
-         "--oracle-temperature", "0.1", "--seed", "0"]
+         "--oracle-temperature", "0.1", "--dpo-lr", "2e-4", "--seed", "0"]
 
 
 def test_best_worst_takes_extremes_and_drops_ties():
@@ -58,7 +58,8 @@ def test_uncertainty_pairs_pick_the_farthest_sample_in_sigma_inverse_norm():
 def test_micro_run_raises_win_rate_above_pi0(tmp_path, capsys):
     # the whole loop in a sharper world whose effect is certain, not lucky: the oracle at temperature 0.1 (every
     # label follows r*, and the soft win-rate is nearly the hard one), r* ranks the samples (--rank oracle: the
-    # pairs are informative even with a 64-label reward model), 96 prompts an iteration give DPO enough steps, 256
+    # pairs are informative even with a 64-label reward model), 96 prompts an iteration give DPO enough steps at
+    # learning rate 2e-4 (pinned: the default when these numbers were measured, before r*'s grammar part), 256
     # held-out prompts. Measured over seeds 0-9: final win-rate 0.711 mean, 0.037 SD, 0.648 min, so the mean sits
     # 5.7 SDs above pi0's 0.5 (at temperature 1 with 128 held-out prompts: 0.625 mean, 0.034 SD, 3.6 SDs). The
     # threshold sits 3 SDs below the mean
