@@ -24,8 +24,9 @@ r* is the sum of named parts (`reward_parts` returns them), each bounded:
 
 Whether a response stopped is not in its text (the stop token is not text), so every function of a response takes
 `finished`: False for a response cut off by the token cap, which then scores -1.0 on the finished part whatever
-its last character. Word matches are case-insensitive and on word boundaries. The detail part is what a learned proxy can over-learn:
-more details look good until length and repetition cost more than they add.
+its last character. Word matches are case-insensitive and on word boundaries (the grammar part's sentences match
+exactly). The detail part is what a learned proxy can over-learn: more details look good until length and
+repetition cost more than they add.
 
 The SFT corpus mixes good and bad choices independently (each good choice is a minority), so pi0 fit to it has
 wide support, a low mean reward and rare maximal responses. Simplified on purpose: one fixed phrase book, whose
