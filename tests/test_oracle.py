@@ -97,7 +97,7 @@ def test_reward_parts_match_hand_computed(response, expected):
     assert oracle.reward(PROMPT, response) == pytest.approx(sum(expected.values()), abs=1e-9)
 
 
-def test_skipping_the_sentence_that_names_a_wrong_topic_never_pays(world):
+def test_skipping_the_sentence_that_names_a_wrong_topic_never_pays():
     # a run once learnt to drop its opening ("is warm. It is bright. ...") when a missing topic scored 0 against a
     # wrong one's -0.5; naming none now costs -1.0, more than the concision the longest topic sentence can save
     prompt = "Write a cheerful note to your boss about clocks."
