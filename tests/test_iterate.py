@@ -56,18 +56,19 @@ def test_uncertainty_pairs_pick_the_farthest_sample_in_sigma_inverse_norm():
 
 
 def test_micro_run_raises_win_rate_above_pi0(tmp_path, capsys):
-    # the whole loop in a sharper world whose effect is certain, not lucky: the oracle at temperature 0.1 (every
-    # label follows r*, and the soft win-rate is nearly the hard one), r* ranks the samples (--rank oracle: the
-    # pairs are informative even with a 64-label reward model), 96 prompts an iteration give DPO enough steps at
-    # learning rate 2e-4 (pinned: the default when these numbers were measured, before r*'s grammar part), 256
-    # held-out prompts. Measured over seeds 0-9: final win-rate 0.711 mean, 0.037 SD, 0.648 min, so the mean sits
-    # 5.7 SDs above pi0's 0.5 (at temperature 1 with 128 held-out prompts: 0.625 mean, 0.034 SD, 3.6 SDs). The
-    # threshold sits 3 SDs below the mean
+    # the whole loop in a sharper world: the oracle at temperature 0.1 (every label follows r*, and the soft
+    # win-rate is nearly the hard one), r* ranks the samples (--rank oracle: the pairs are informative even with a
+    # 64-label reward model), 96 prompts an iteration give DPO enough steps at learning rate 2e-4 (pinned: twice the
+    # default, for pace in three iterations), 256 held-out prompts, so a win-rate's standard error is about 0.03.
+    # Measured over seeds 0-9 (this r*, with its grammar part): final win-rate 0.663 mean, 0.059 SD, 0.565 min
+    # (seed 0: 0.712), KL 0.71 to 3.97. The threshold, 0.600, is 3 standard errors of one run above pi0's 0.5: a
+    # loop that does not learn fails it. It is not 3 SDs below the seeds' mean (that is 0.485): seeds 4 and 6 end
+    # below it (0.565, 0.587), so a change that only moves seed 0 onto another path fails it about 1 time in 5
     metrics = iterate.main(MICRO + ["--out", str(tmp_path)])
     first, last = metrics[0], metrics[-1]
     assert first["kl"] == 0.0 and abs(first["win_rate"] - 0.5) < 3 * first["win_rate_se"] + 0.02
-    assert last["win_rate"] > 0.711 - 3 * 0.037
-    assert 0.2 < last["kl"] < 10  # moved, and not collapsed (seeds 0-9: 0.78 to 1.83)
+    assert last["win_rate"] > 0.600
+    assert 0.2 < last["kl"] < 10  # moved, and not collapsed (seeds 0-9: 0.71 to 3.97)
     # every query is counted: the first reward model's labels, then per iteration one r* score per sample ranked
     # and one label per pair
     assert last["labels"] == first["labels"] + sum(r["pairs"] + 4 * 96 for r in metrics[1:])
