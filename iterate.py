@@ -248,13 +248,14 @@ def new_reward_model(pi0, settings, device):
     return rm
 
 
-def fit_reward_model(rm, labelled: list[Preference], settings, device, head_only: bool = False) -> dict:
+def fit_reward_model(rm, labelled: list[Preference], settings, device, head_only: bool = False,
+                     features=None) -> dict:
     """The MLE of r_hat on every label in `labelled` (reward.fit_mle): epochs until a held-out tenth of the labels
-    stops improving; of its head alone on fixed features with head_only. Returns the held-out loss and accuracy and
-    the epochs, for metrics.jsonl."""
+    stops improving; of its head alone on fixed features with head_only (`features`: phi of both sides of every
+    pair, when known). Returns the held-out loss and accuracy and the epochs, for metrics.jsonl."""
     s = settings
     fit = reward.fit_mle(rm, labelled, s.rm_lr, s.rm_batch, s.seed, device, max_epochs=s.rm_max_epochs,
-                         head_only=head_only)
+                         head_only=head_only, features=features)
     return {f"rm_{key}": value for key, value in fit.items()}
 
 
@@ -305,12 +306,23 @@ def make_reward_model(pi0, prompt_source, oracle, tokenizer, settings, device, c
     return rm.eval(), labelled, fit
 
 
-def refit_reward_model(rm, rm_start, oracle_pairs: list[Preference], settings, device):
+def refit_reward_model(rm, rm_start, oracle_pairs: list[Preference], settings, device, features: list):
     """The refit: the MLE on every oracle label so far, of the head alone (--rm-refit head) or of every weight, from
     the previous reward model (warm), or from `rm_start` (pi0 with a fresh head) when given. Returns (r_hat, the
-    fit's statistics)."""
+    fit's statistics).
+
+    features: under --rm-refit head, phi of the pairs embedded so far, one (chosen [n, C], rejected [n, C]) group
+    per refit, which this one extends by the pairs labelled since the last. The backbone never trains after the
+    first fit, so a pair's phi never changes: each pair goes through the network once, not once per refit (the
+    groups are kept in the checkpoint, so a resumed run refits on the same numbers)."""
     rm = rm if rm_start is None else share_frozen(rm_start)  # a fresh copy of what trains; a frozen base is shared
-    return rm, fit_reward_model(rm, oracle_pairs, settings, device, head_only=settings.rm_refit == "head")
+    if settings.rm_refit != "head":
+        return rm, fit_reward_model(rm, oracle_pairs, settings, device)
+    embedded = sum(len(chosen) for chosen, _ in features)
+    if embedded < len(oracle_pairs):
+        features.append(reward.pair_features(rm, oracle_pairs[embedded:], device))
+    phi = tuple(torch.cat(side) for side in zip(*features))                      # ([N, C], [N, C])
+    return rm, fit_reward_model(rm, oracle_pairs, settings, device, head_only=True, features=phi)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -433,6 +445,7 @@ def online_loop(settings: Settings, device) -> list[dict]:
             metrics.append(row)
 
     pi0_pairs, explored, all_pairs, offline, first = list(oracle_pairs), list(oracle_pairs), [], None, 0
+    rm_features = []  # phi of the oracle pairs, for head-only refits (refit_reward_model)
     saved = torch.load(checkpoint_path, weights_only=True) if s.resume and os.path.exists(checkpoint_path) else None
     if saved is not None:  # --resume: back to the end of the last finished iteration, every stream included
         first, metrics[:] = saved["iteration"], saved["metrics"]
@@ -444,6 +457,7 @@ def online_loop(settings: Settings, device) -> list[dict]:
             ledger.used = saved["ledger_used"]
         oracle_pairs, explored, all_pairs, offline = (saved["data"][k] for k in ("oracle", "explored", "all",
                                                                                   "offline"))
+        rm_features = saved["data"].get("rm_features", [])  # a checkpoint from before it kept them: embedded anew
         clock -= saved["seconds"]
         print(f"resuming {s.out} after iteration {first}")
     if main_rank:
@@ -460,7 +474,7 @@ def online_loop(settings: Settings, device) -> list[dict]:
         if t > 0 and s.labeler == "oracle" and s.pairs != "offline":
             with timed(seconds, "rm_s"):  # refit: the MLE of the reward model on all oracle labels so far (none
                 # after the last iteration: its labels would only rank a next iteration's samples)
-                rm, rm_fit = refit_reward_model(rm, rm_start, oracle_pairs, s, device)
+                rm, rm_fit = refit_reward_model(rm, rm_start, oracle_pairs, s, device, rm_features)
         with timed(seconds, "pairs_s"):  # collect and label
             new_pairs = offline[t] if s.pairs == "offline" else collect_and_label(t, policy, explored)
             explored += new_pairs
@@ -479,7 +493,7 @@ def online_loop(settings: Settings, device) -> list[dict]:
                              "streams": stream_states(rngs), "queries": oracle.queries, "ledger_used": ledger.used,
                              "metrics": metrics,
                              "data": {"oracle": oracle_pairs, "explored": explored, "all": all_pairs,
-                                      "offline": offline},
+                                      "offline": offline, "rm_features": rm_features},
                              "samples_bytes": os.path.getsize(os.path.join(s.out, "samples.txt")),
                              "seconds": round(time.time() - clock, 1)}, checkpoint_path)
     save_dtype = pi0_dtype if s.save_dtype == "auto" else getattr(torch, s.save_dtype)

@@ -134,20 +134,28 @@ def train_reward_model(rm, pairs, steps: int = 200, lr: float = 1e-4, batch_size
 
 
 def fit_mle(rm, pairs, lr: float, batch_size: int, seed: int = 0, device="cpu", max_epochs: int = 10,
-            held_out_share: float = 0.1, head_only: bool = False) -> dict:
+            held_out_share: float = 0.1, head_only: bool = False, features=None) -> dict:
     """The maximum-likelihood fit of `rm` on every pair: epochs over all but a held-out share of them, each a pass
     with its own cosine cycle, until the Bradley-Terry loss on the held-out pairs stops falling; the weights of the
     best epoch are kept (at least one epoch runs: new labels always get a pass). Returns the held-out loss and
     accuracy of the kept weights, the epochs run and the epoch kept.
 
-    head_only: phi stays as it is and only the head is fit (fit_head)."""
+    head_only: phi stays as it is and only the head is fit (fit_head), on `features` = (phi of the chosen sides
+    [N, C], phi of the rejected sides [N, C]) in the order of `pairs` when the caller has them (phi of a pair never
+    changes while the backbone does not train), else on phi computed here."""
     if len(pairs) < 2:
         raise ValueError(f"fit_mle: needs at least 2 labelled pairs (one is held out), got {len(pairs)}")
     order = random.Random(seed).sample(range(len(pairs)), len(pairs))
     n_held = max(1, round(held_out_share * len(pairs)))
-    held_out, train = [pairs[i] for i in order[:n_held]], [pairs[i] for i in order[n_held:]]
     if head_only:
-        return fit_head(rm, train, held_out, lr, batch_size, seed, device, max_epochs)
+        if features is None:
+            features = pair_features(rm, pairs, device)
+        if any(len(phi) != len(pairs) for phi in features):
+            raise ValueError(f"fit_mle: features of {[len(phi) for phi in features]} pairs for {len(pairs)} pairs")
+        rows = torch.tensor(order[n_held:] + order[:n_held])  # the training pairs, then the held-out ones
+        return fit_head(rm, *(phi[rows].to(device) for phi in features), len(pairs) - n_held, lr, batch_size, seed,
+                        max_epochs)
+    held_out, train = [pairs[i] for i in order[:n_held]], [pairs[i] for i in order[n_held:]]
     prompts, chosen, rejected = zip(*held_out)
 
     def held_out_fit():  # (Bradley-Terry loss, rewards of the chosen side, of the rejected side)
@@ -161,30 +169,37 @@ def fit_mle(rm, pairs, lr: float, batch_size: int, seed: int = 0, device="cpu", 
     return best_epochs(rm, train_epoch, held_out_fit, max_epochs)
 
 
-def fit_head(rm, train, held_out, lr: float, batch_size: int, seed: int, device, max_epochs: int) -> dict:
+def pair_features(rm, pairs, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(phi of each pair's chosen side [N, C], phi of its rejected side [N, C]), on the CPU, without gradient."""
+    prompts, chosen, rejected = zip(*pairs)
+    return embed(rm, prompts, chosen, device=device), embed(rm, prompts, rejected, device=device)
+
+
+def fit_head(rm, phi_chosen, phi_rejected, n_train: int, lr: float, batch_size: int, seed: int,
+             max_epochs: int) -> dict:
     """fit_mle of the head alone, phi fixed: the theory paper's linear reward r = theta^T phi(x, a), whose MLE is a
-    logistic regression on phi. phi of every pair is computed once, in one forward pass, instead of a forward and
-    backward pass through the network in every epoch. A whole float32 copy of the head trains (the same on every
-    rank) and goes back into `rm` at the end, whether `rm` is sharded or not."""
-    prompts, chosen, rejected = zip(*(train + held_out))  # rows past len(train) are the held-out pairs
-    phi_chosen, phi_rejected = (embed(rm, prompts, side, device=device).to(device) for side in (chosen, rejected))
-    with full_weights(rm):  # phi_* [N, C]; under FSDP2 the head is sharded too: its whole weights are copied
+    logistic regression on phi. phi_chosen, phi_rejected [N, C] are the pairs' features, the first n_train of them
+    the training pairs, the rest held out: no forward pass through the network at all, let alone one per epoch. A
+    whole float32 copy of the head trains (the same on every rank) and goes back into `rm` at the end, whether `rm`
+    is sharded or not."""
+    device = phi_chosen.device
+    with full_weights(rm):  # under FSDP2 the head is sharded too: its whole weights are copied
         head = nn.utils.skip_init(nn.Linear, rm.head.in_features, 1, device=device)  # no draw from torch's RNG
         head.load_state_dict({k: v.detach().float().clone() for k, v in rm.head.state_dict().items()})
     rewards = lambda model, rows: tuple(model(phi[rows]).squeeze(-1).float() for phi in (phi_chosen, phi_rejected))
-    held_out_rows = slice(len(train), None)
+    held_out_rows = slice(n_train, None)
 
     def held_out_fit():
         with torch.no_grad():
             chosen_rewards, rejected_rewards = (r.cpu() for r in rewards(head, held_out_rows))
         return bradley_terry_loss(chosen_rewards, rejected_rewards).item(), chosen_rewards, rejected_rewards
 
-    steps = math.ceil(len(train) / batch_size)
+    steps = math.ceil(n_train / batch_size)
     net = data_parallel(head)  # under torchrun, backward averages the gradients over the ranks
 
     def train_epoch(epoch):
         fit(head, lambda rows: (bradley_terry_loss(*rewards(net, rows)), {}),
-            shuffled_batches(len(train), batch_size, seed + epoch), steps, lr, warmup=steps // 10, desc="reward head")
+            shuffled_batches(n_train, batch_size, seed + epoch), steps, lr, warmup=steps // 10, desc="reward head")
     result = best_epochs(head, train_epoch, held_out_fit, max_epochs)
     load_state(rm, {f"head.{k}": v for k, v in head.state_dict().items()}, strict=False)
     return result

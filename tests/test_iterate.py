@@ -285,13 +285,28 @@ def test_uncertainty_with_the_reward_model_as_labeller_grows_sigma(tmp_path, mon
 def test_every_refit_is_the_fit_on_all_oracle_labels_so_far(tmp_path, monkeypatch):
     # the first fit sees the L0 labels; the refit before iteration t sees those and every label of iterations < t
     sizes, original = [], iterate.reward.fit_mle
-    monkeypatch.setattr(iterate.reward, "fit_mle", lambda rm, pairs, *a, **k: sizes.append(len(pairs)) or
-                        original(rm, pairs, *a, **k))
+    embedded, pair_features = [], iterate.reward.pair_features
+    refits = []  # (the pairs, the features a head-only refit was given, the reward model) of each refit
+
+    def fit_mle(rm, pairs, *a, **k):
+        sizes.append(len(pairs))
+        if k.get("features") is not None:
+            refits.append((list(pairs), k["features"], rm))
+        return original(rm, pairs, *a, **k)
+    monkeypatch.setattr(iterate.reward, "fit_mle", fit_mle)
+    monkeypatch.setattr(iterate.reward, "pair_features", lambda rm, pairs, *a: embedded.append(len(pairs)) or
+                        pair_features(rm, pairs, *a))
     iterate.main(TINY + ["--iterations", "3", "--out", str(tmp_path)])
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert sizes == [rows[0]["labels"], rows[1]["labels"], rows[2]["labels"]]
     assert sizes[0] < sizes[1] < sizes[2]
     assert len(open(tmp_path / "labels.jsonl").readlines()) == rows[-1]["labels"]
+    # the head-only refits (the default): each pair went through the network once, in the refit after its label
+    assert embedded == [sizes[1], sizes[2] - sizes[1]] and len(refits) == 2
+    pairs, (phi_chosen, phi_rejected), rm = refits[-1]
+    fresh_chosen, fresh_rejected = pair_features(rm, pairs)  # what the kept features stand for: today's phi
+    assert torch.allclose(phi_chosen, fresh_chosen, atol=1e-5) and torch.allclose(phi_rejected, fresh_rejected,
+                                                                                   atol=1e-5)
 
 
 def test_candidates_are_sampled_half_at_temperature_one_and_half_at_0_7(monkeypatch):

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import GPT, GPTConfig, KVCache, rope_frequencies
+from model import GPT, GPTConfig, KVCache, rope_frequencies, single_query_attention
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]]  # different lengths on purpose
 
@@ -30,6 +30,20 @@ def left_padded(rows):
         tokens[i, longest - len(row):] = torch.tensor(row)
         mask[i, longest - len(row):] = True
     return tokens, mask
+
+
+@pytest.mark.parametrize("n_head, n_kv_head", [(4, 4), (4, 2), (8, 1)])
+def test_single_query_attention_equals_scaled_dot_product_attention(n_head, n_kv_head):
+    # a sampling step's attention (one query per row, a padding mask) against torch's kernel; each row keeps at least
+    # one key, as generate's mask always does (a row sees its own new token)
+    gen = torch.Generator().manual_seed(0)
+    B, S, D = 5, 9, 16
+    q = torch.randn(B, n_head, 1, D, generator=gen)
+    k, v = (torch.randn(B, n_kv_head, S, D, generator=gen) for _ in range(2))
+    mask = torch.rand(B, 1, 1, S, generator=gen) > 0.4
+    mask[..., -1] = True
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=n_kv_head != n_head)
+    assert torch.allclose(single_query_attention(q, k, v, mask), expected, atol=1e-6)
 
 
 def test_presets_sizes_and_unknown_preset():

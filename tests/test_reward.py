@@ -222,6 +222,24 @@ def test_fit_mle_head_only_fits_the_head_on_fixed_features_and_leaves_the_backbo
     assert 1 <= fit["epoch_kept"] <= fit["epochs"] <= 20
 
 
+def test_fit_mle_head_only_on_given_features_needs_no_forward_pass_and_fits_as_it_would_alone(monkeypatch):
+    import reward
+    gen = torch.Generator().manual_seed(3)
+    rows = torch.randint(7, 32, (60, 4), generator=gen).tolist()
+    pairs = [(r[:2], [r[2], 5], [r[3], 6]) for r in rows]
+    alone, given = toy_reward_model(), toy_reward_model()
+    features = reward.pair_features(given, pairs)
+    fit_alone = reward.fit_mle(alone, pairs, lr=3e-2, batch_size=16, seed=0, max_epochs=5, head_only=True)
+    monkeypatch.setattr(given.backbone, "hidden_states", lambda *a, **k: pytest.fail("a forward pass"))
+    fit_given = reward.fit_mle(given, pairs, lr=3e-2, batch_size=16, seed=0, max_epochs=5, head_only=True,
+                               features=features)
+    assert fit_given == fit_alone and fit_alone["epochs"] >= 2
+    assert all(torch.equal(a, b) for a, b in zip(alone.head.parameters(), given.head.parameters()))
+    with pytest.raises(ValueError, match=r"fit_mle: features of \[59, 59\] pairs for 60 pairs"):
+        reward.fit_mle(given, pairs, lr=3e-2, batch_size=16, head_only=True,
+                       features=tuple(phi[:59] for phi in features))
+
+
 def test_embed_of_a_padded_batch_equals_each_row_alone():
     # features read at each row's last real token: rows of different lengths in one batch give what they give alone
     rm = toy_reward_model(random_head=True)
