@@ -295,30 +295,37 @@ class GPT(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def hidden_states(self, tokens, mask=None, cache: KVCache | None = None):
+    def hidden_states(self, tokens, mask=None, cache: KVCache | None = None, positions=None):
         """The final normed hidden states [B, T, C] of `tokens` [B, T].
 
         mask: optional bool [B, S] of real tokens over every position so far (S = cache.length + T), for padded
-        batches; None means no padding. With a cache, `tokens` continue the cached sequence."""
+        batches; None means no padding. With a cache, `tokens` continue the cached sequence.
+        positions: each token's position [B, T], given for rows that pack several sequences (dpo.pack_pairs: a
+        prompt, then two responses to it); `mask` is then bool [B, T, T], which tokens each token attends to."""
         B, T = tokens.shape
         start = cache.length if cache is not None else 0
         if start + T > self.config.max_seq_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds the context of {self.config.max_seq_len}")
         attn_mask = None
-        if mask is not None and cache is None and not (mask[:, 1:] & ~mask[:, :-1]).any():
-            mask = None  # right padding only: under a causal mask it cannot reach a real token, so skip the mask
-        if mask is None and (cache is None or start == 0) and T > 1:
-            positions = torch.arange(T, device=tokens.device).expand(B, T)
+        if positions is not None:  # packed rows: the caller says which token sees which
+            if cache is not None or mask is None or mask.shape != (B, T, T) or positions.shape != (B, T):
+                raise ValueError("hidden_states: positions [B, T] go with a mask [B, T, T] and no cache")
+            attn_mask = mask[:, None]                                                  # [B, 1, T, T]
         else:
-            if mask is None:
-                mask = torch.ones(B, start + T, dtype=torch.bool, device=tokens.device)
-            # a token's position is the number of real tokens before it, whatever padding precedes it
-            positions = (mask.long().cumsum(1) - 1).clamp(min=0)[:, start:]            # [B, T]
-            query_index = torch.arange(start, start + T, device=tokens.device)[:, None]
-            key_index = torch.arange(start + T, device=tokens.device)[None, :]
-            causal = key_index <= query_index                                          # [T, S]
-            attn_mask = (causal & mask[:, None, :]) | (key_index == query_index)       # [B, T, S]: self always visible
-            attn_mask = attn_mask[:, None]                                             # [B, 1, T, S]
+            if mask is not None and cache is None and not (mask[:, 1:] & ~mask[:, :-1]).any():
+                mask = None  # right padding only: under a causal mask it cannot reach a real token: skip the mask
+            if mask is None and (cache is None or start == 0) and T > 1:
+                positions = torch.arange(T, device=tokens.device).expand(B, T)
+            else:
+                if mask is None:
+                    mask = torch.ones(B, start + T, dtype=torch.bool, device=tokens.device)
+                # a token's position is the number of real tokens before it, whatever padding precedes it
+                positions = (mask.long().cumsum(1) - 1).clamp(min=0)[:, start:]        # [B, T]
+                query_index = torch.arange(start, start + T, device=tokens.device)[:, None]
+                key_index = torch.arange(start + T, device=tokens.device)[None, :]
+                causal = key_index <= query_index                                      # [T, S]
+                attn_mask = (causal & mask[:, None, :]) | (key_index == query_index)   # [B, T, S]: self always seen
+                attn_mask = attn_mask[:, None]                                         # [B, 1, T, S]
         angles = positions[..., None].float() * self.inv_freq                        # [B, T, D/2]
         cos, sin = angles.cos(), angles.sin()
         x = self.tok_embeddings(tokens)
@@ -328,9 +335,9 @@ class GPT(nn.Module):
             cache.length = start + T
         return self.norm(x)
 
-    def forward(self, tokens, mask=None, cache: KVCache | None = None):
+    def forward(self, tokens, mask=None, cache: KVCache | None = None, positions=None):
         """Logits [B, T, V] of the next token at every position of `tokens` [B, T] (see hidden_states)."""
-        return self.output(self.hidden_states(tokens, mask, cache)).float()
+        return self.output(self.hidden_states(tokens, mask, cache, positions)).float()
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dpo import dpo_loss, ipo_loss, response_logps, sequence_logps, train_dpo
+from dpo import dpo_loss, ipo_loss, pack_pairs, pair_logps, response_logps, sequence_logps, train_dpo
 from model import GPT, GPTConfig
 from train import collate
 
@@ -266,3 +266,33 @@ def test_train_dpo_hands_its_schedule_to_fit_and_reports_ties_as_not_ordered(mon
     assert history[0]["accuracy"] == 0.0 and history[0]["margin"] == 0.0
     with pytest.raises(ValueError, match="label_smoothing applies to the DPO loss only, not to IPO"):
         train_dpo(toy_model(), toy_pairs(4), steps=1, loss="ipo", label_smoothing=0.1)
+
+
+def test_pack_pairs_shares_the_prompt_and_hides_the_chosen_response_from_the_rejected_one():
+    # one pair: prompt [7, 8], chosen [5, 1], rejected [6, 9, 1], and a shorter pair padded after it
+    tokens, mask, positions, predictor, chosen_mask, rejected_mask = pack_pairs([[7, 8], [10]], [[5, 1], [4]],
+                                                                                [[6, 9, 1], [3]])
+    assert tokens[0].tolist() == [7, 8, 5, 1, 6, 9, 1] and tokens[1, :3].tolist() == [10, 4, 3]
+    assert positions[0].tolist() == [0, 1, 2, 3, 2, 3, 4]             # the rejected side starts after the prompt
+    assert predictor[0].tolist() == [0, 0, 1, 2, 1, 4, 5]             # its first token is predicted by the prompt
+    assert chosen_mask[0].tolist() == [False, False, True, True, False, False, False]
+    assert rejected_mask[0].tolist() == [False] * 4 + [True] * 3
+    assert mask[0, 4].tolist() == [True, True, False, False, True, False, False]   # rejected: prompt and itself
+    assert mask[0, 3].tolist() == [True, True, True, True, False, False, False]    # chosen: causal, prompt and itself
+    assert mask[1, 5].tolist() == [False] * 5 + [True] + [False]                   # padding: itself only
+    assert not (chosen_mask[1, 3:] | rejected_mask[1, 3:]).any()
+
+
+def test_pair_logps_equal_two_separate_rows_in_value_and_gradient():
+    gen = torch.Generator().manual_seed(1)
+    draw = lambda n: torch.randint(2, 32, (n,), generator=gen).tolist()
+    prompts, chosen, rejected = [draw(3), draw(1), draw(6)], [draw(5), draw(1), draw(2)], [draw(2), draw(7), draw(1)]
+    packed_model, separate_model = toy_model(), toy_model()
+    packed = pair_logps(packed_model, prompts, chosen, rejected)
+    tokens, mask, response_mask = collate(prompts + prompts, chosen + rejected)
+    separate = sequence_logps(separate_model(tokens, mask), tokens, response_mask)
+    torch.testing.assert_close(torch.cat(packed), separate, atol=1e-5, rtol=0)
+    (packed[0] - 2 * packed[1]).sum().backward()
+    (separate[:3] - 2 * separate[3:]).sum().backward()
+    for (name, a), b in zip(packed_model.named_parameters(), separate_model.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4, msg=name)
