@@ -40,7 +40,6 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 import distributed
 import dpo
@@ -80,13 +79,18 @@ class Candidate(NamedTuple):
 
 def sample_candidates(policy, prompt_tokens, n: int, max_new_tokens: int, stop_ids, keys) -> list[list[list[int]]]:
     """n responses per prompt, half at temperature 1.0 and half at 0.7 (Algorithm 2): a list [P][n]; keys(k) gives
-    the P keys of the k-th sample of every prompt."""
-    candidates = [[] for _ in prompt_tokens]
-    for k in tqdm(range(n), desc="sampling", leave=False):
-        temperature = 1.0 if k < (n + 1) // 2 else 0.7
-        for row, response in enumerate(sample(policy, prompt_tokens, max_new_tokens, temperature, stop_ids,
-                                              keys(k))):
-            candidates[row].append(response)
+    the P keys of the k-th sample of every prompt. One sampling call per temperature, a prompt's samples side by
+    side, so that they share its prefill (GPT.generate) and the batches are large."""
+    candidates = [[None] * n for _ in prompt_tokens]
+    key_table = [keys(k) for k in range(n)]                                          # [n][P]
+    for temperature, samples in ((1.0, range((n + 1) // 2)), (0.7, range((n + 1) // 2, n))):
+        rows = [(p, k) for p in range(len(prompt_tokens)) for k in samples]
+        if not rows:
+            continue
+        responses = sample(policy, [prompt_tokens[p] for p, _ in rows], max_new_tokens, temperature, stop_ids,
+                           [key_table[k][p] for p, k in rows])
+        for (p, k), response in zip(rows, responses):
+            candidates[p][k] = response
     return candidates
 
 

@@ -111,7 +111,8 @@ class KVCache:
         self.length = 0  # positions filled so far (the same for every row; padding is in the mask)
 
     def select(self, keep: torch.Tensor):
-        """Keep only the rows where `keep` [B] is True (rows that finished sampling leave the batch)."""
+        """Keep the rows `keep` picks, a bool mask [B] (rows that finished sampling leave the batch) or row indices
+        (rows that share a prompt each get a copy of its prefill)."""
         self.keys = [k[keep] for k in self.keys]
         self.values = [v[keep] for v in self.values]
 
@@ -367,21 +368,28 @@ class GPT(nn.Module):
             keys = torch.randint(-2**63, 2**63 - 1, (B,), generator=generator,
                                  device=generator.device if generator is not None else "cpu").tolist()
         keys = torch.tensor(keys, dtype=torch.long, device=device)
+        # rows with the same prompt (n samples of it) share its prefill: each distinct prompt is computed once
+        distinct = list(dict.fromkeys(map(tuple, prompts)))                # in order of first appearance
+        index = {prompt: i for i, prompt in enumerate(distinct)}
+        source = torch.tensor([index[tuple(p)] for p in prompts], device=device)   # [B] each row's distinct prompt
         # left-pad so that every row's next token is at the same column; padding lives only in `mask`
-        tokens = torch.zeros(B, longest, dtype=torch.long, device=device)
-        mask = torch.zeros(B, longest + max_new_tokens, dtype=torch.bool, device=device)
-        for row, prompt in enumerate(prompts):
+        tokens = torch.zeros(len(distinct), longest, dtype=torch.long, device=device)
+        mask = torch.zeros(len(distinct), longest + max_new_tokens, dtype=torch.bool, device=device)
+        for row, prompt in enumerate(distinct):
             tokens[row, longest - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
             mask[row, longest - len(prompt):] = True
         mask[:, longest:] = True  # generated tokens are always real
-        cache = KVCache(self.config, B, longest + max_new_tokens, device, self.output.weight.dtype)
+        cache = KVCache(self.config, len(distinct), longest + max_new_tokens, device, self.output.weight.dtype)
         stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
         rows = torch.arange(B, device=device)            # the prompt each row of the (shrinking) batch belongs to
         done = torch.zeros(B, dtype=torch.bool, device=device)
         new_tokens = torch.full((B, max_new_tokens), -1, dtype=torch.long, device=device)
         new_logps = torch.zeros(B, max_new_tokens, device=device) if return_logps else None
         # the prompt's last position only: its every position over a 128256-id vocabulary would cost gigabytes
-        logits = self.output(self.hidden_states(tokens, mask[:, :longest], cache)[:, -1]).float()   # [B, V]
+        logits = self.output(self.hidden_states(tokens, mask[:, :longest], cache)[:, -1]).float()   # [B_distinct, V]
+        if len(distinct) < B:  # each row gets a copy of its prompt's keys, values, logits and mask
+            cache.select(source)
+            logits, mask = logits[source], mask[source]                                      # [B, V], [B, S]
         for step in range(max_new_tokens):
             next_token = sample_token(logits, temperature, top_k, keys, step)          # [B]
             new_tokens[rows, step] = next_token

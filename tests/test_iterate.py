@@ -310,11 +310,13 @@ def test_every_refit_is_the_fit_on_all_oracle_labels_so_far(tmp_path, monkeypatc
 
 
 def test_candidates_are_sampled_half_at_temperature_one_and_half_at_0_7(monkeypatch):
-    temperatures = []
+    calls = []  # one call per temperature, each prompt's samples side by side; a response echoes its key
     monkeypatch.setattr(iterate, "sample", lambda policy, prompts, cap, temperature, stop_ids, keys:
-                        temperatures.append(temperature) or [[1]] * len(prompts))
-    iterate.sample_candidates(None, [[5], [6]], 6, 4, [1], lambda k: [k, k])
-    assert temperatures == [1.0, 1.0, 1.0, 0.7, 0.7, 0.7]
+                        calls.append((temperature, prompts)) or [[key] for key in keys])
+    candidates = iterate.sample_candidates(None, [[5], [6]], 6, 4, [1], lambda k: [10 * k, 10 * k + 1])
+    assert calls == [(1.0, [[5]] * 3 + [[6]] * 3), (0.7, [[5]] * 3 + [[6]] * 3)]
+    # the k-th candidate of prompt p was drawn from keys(k)[p]
+    assert candidates == [[[0], [10], [20], [30], [40], [50]], [[1], [11], [21], [31], [41], [51]]]
 
 
 def spy_on(monkeypatch, module, name, calls):

@@ -146,6 +146,15 @@ def test_a_rows_response_follows_its_key_whatever_batch_or_chunk_it_is_in(model)
     assert together[0] != together[3]  # same prompt, another key: another response
 
 
+def test_rows_that_share_a_prompt_share_its_prefill(model, monkeypatch):
+    shapes, hidden_states = [], model.hidden_states
+    monkeypatch.setattr(model, "hidden_states", lambda tokens, *a, **k: shapes.append(tuple(tokens.shape)) or
+                        hidden_states(tokens, *a, **k))
+    prompts = [[1, 2, 3], [4], [1, 2, 3], [1, 2, 3], [4]]
+    model.generate(prompts, 3, keys=list(range(5)))
+    assert shapes[0] == (2, 3) and shapes[1][0] == 5  # two distinct prompts prefilled, then five rows decode
+
+
 def test_inverse_transform_draws_follow_the_softmax():
     # 200,000 draws from a fixed 5-token distribution (one token at probability 0, never drawn): every frequency
     # within 4 standard errors of its probability, at temperature 1 and 0.5
