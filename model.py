@@ -120,8 +120,8 @@ class KVCache:
 def single_query_attention(q, k, v, attn_mask):
     """softmax(q k^T / sqrt(D), over the keys attn_mask lets through) v for one query per row: q [B, H, 1, D], k and
     v [B, H_kv, S, D], attn_mask bool [B, 1, 1, S]. Each k/v head meets its group of query heads in one batched
-    product, without copying the cache. A sampling step's attention: on a CPU, scaled_dot_product_attention's kernel
-    takes about 1.5 times as long for one query (bench.py times sampling)."""
+    product, without copying the cache. A sampling step's attention: on a CPU, with scaled_dot_product_attention's
+    kernel instead, sampling 1024 prompts takes 1.11 times as long (1.02 to 1.05 at 64 to 256; 2 threads)."""
     B, H, _, D = q.shape
     H_kv, S = k.shape[1], k.shape[2]
     scores = q.view(B, H_kv, H // H_kv, D) @ k.transpose(-1, -2) / math.sqrt(D)     # [B, H_kv, H / H_kv, S]
