@@ -52,7 +52,7 @@ def pack_pairs(prompts: list[list[int]], chosen: list[list[int]], rejected: list
     """One row per pair: the prompt once, then the chosen response, then the rejected one, right-padded to T tokens.
     The rejected response attends to the prompt and to itself, never to the chosen one, and its positions go on
     from the prompt's end, so each response is computed exactly as after its prompt alone, while the prompt, which
-    both share, is computed once (a sixth fewer tokens than two padded rows, at the world's lengths).
+    both share, is computed once (the peer benchmark's pairs of 16 + 48 + 48 tokens: 112 a row, against 2 x 64).
 
     Returns tokens [B, T]; the attention mask [B, T, T] and positions [B, T] that GPT.forward takes for such rows;
     predictor [B, T], the position whose logits predict each token (the prompt's last, for either response's first
